@@ -1,0 +1,1 @@
+"""tritrain's LoRA fine-tuning trainer: ``python -m trainer``."""
