@@ -1,0 +1,220 @@
+"""Every setting of a training run, in one dataclass.
+
+Precedence, lowest first: the defaults below, the demo settings (``DEMO``, only when ``model`` is
+``demo``), the YAML file given with ``--config``, then ``--key value`` on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad setting; the CLI prints it as one line and exits with status 2."""
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "demo"  # Hugging Face model directory or hub id; "demo": a small random GLM-4
+    tokenizer: str = ""  # tokenizer directory; empty: the model's ("demo": the built-in one)
+    dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp16" or "fp32": weights and autocast
+    device: str = "auto"  # "auto" (cuda if available), "cuda", "cuda:1" or "cpu"
+    attn_backend: str = "auto"  # varlen attention backend; "auto": the first available (trainer/model.py)
+    loss_backend: str = "fused"  # "fused": masked_linear_cross_entropy; "reference": plain torch, to compare
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+
+    # data
+    train_file: str = "demo"  # JSONL of {"messages": [...]}; "demo": the built-in sample conversations
+    val_file: str = "demo"  # validation JSONL; "demo": the built-in one; empty: no validation
+    template: str = "glm4"  # chat template used to render conversations (see trainer/data.py)
+    loss_on: str = "all"  # which assistant turns are targets (see trainer/data.py)
+    max_length: int = 2048  # longest conversation in tokens
+    overlong: str = "drop"  # what to do with a longer one: "drop", "truncate" or "error"
+    max_tokens: int = 8192  # token budget of one packed row (one micro-batch)
+
+    # optimisation
+    grad_accum: int = 1  # packed rows per optimizer step
+    epochs: int = 1  # passes over the training data (ignored when max_steps > 0)
+    max_steps: int = 0  # optimizer steps to run; 0: as many as `epochs` gives
+    lr: float = 2e-4  # peak learning rate
+    warmup: float = 0.03  # warmup length: a fraction of all steps if < 1, else a number of steps
+    schedule: str = "cosine"  # after warmup: "cosine", "linear" or "constant"
+    min_lr_ratio: float = 0.0  # cosine/linear decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0: no clipping
+    max_bad_steps: int = 5  # non-finite loss or gradient: skip the step; stop after this many in a row
+
+    # LoRA
+    lora_r: int = 8  # rank of the adapter
+    lora_alpha: float = 32.0  # scaling numerator: the update is scaled by alpha / r
+    lora_dropout: float = 0.1  # dropout on the adapter's input
+    # module names to adapt; "all-linear": every attention and MLP projection (not the lm_head)
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+    # evaluation, logging and checkpoints
+    log_every: int = 10  # one progress line every this many steps
+    eval_every: int = 500  # validation loss every this many steps (and at the end); 0: only at the end
+    patience: int = 0  # stop after this many evaluations without improvement; 0: never stop early
+    save_every: int = 500  # checkpoint every this many steps (and at the end); 0: only at the end
+    save_merged: bool = False  # at the end, also save the adapter merged into the base weights (merged/)
+    output_dir: str = "output"  # where checkpoints, best/, final/, metrics.jsonl and loss.png go
+    resume: str = ""  # "auto": the newest checkpoint in output_dir, or a checkpoint directory; empty: fresh
+    seed: int = 42  # seeds weights of the demo model, LoRA init, dropout and data order
+
+
+# What `python -m trainer` with no arguments runs: a random model learns the sample conversations in
+# about a minute on two CPU cores. Applied only when model is "demo"; YAML and --key value still win.
+DEMO = dict(
+    max_tokens=1024,
+    grad_accum=1,
+    max_steps=120,
+    lr=2e-3,
+    warmup=10,
+    lora_r=16,
+    lora_alpha=32.0,
+    lora_dropout=0.0,
+    log_every=10,
+    eval_every=40,
+    save_every=60,
+    output_dir="output/demo",
+)
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _valid_keys() -> str:
+    return "valid keys: " + ", ".join(FIELDS)
+
+
+def _coerce(key: str, value, from_cli: bool):
+    """Return value converted to the field's type, or raise ConfigError."""
+    hint = typing.get_type_hints(TrainConfig)[key]
+    origin = typing.get_origin(hint)
+    kind = "a list of strings" if origin is list else hint.__name__
+
+    def bad():
+        return ConfigError(f"{key}: expected {kind}, got {value!r} ({type(value).__name__})")
+
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise bad()
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if from_cli is False and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. `model: 7` would be odd but unambiguous
+        raise bad()
+    if origin is list:
+        if isinstance(value, str):
+            return [s.strip() for s in value.split(",") if s.strip()]
+        if isinstance(value, list) and all(isinstance(s, str) for s in value):
+            return list(value)
+        raise bad()
+    raise AssertionError(f"unhandled type {hint} for {key}")
+
+
+def _apply(values: dict, settings: dict, source: str, from_cli: bool = False) -> None:
+    for key, value in settings.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise ConfigError(f"{source}: unknown key {key!r}; {_valid_keys()}")
+        values[name] = _coerce(name, value, from_cli)
+
+
+def _check(cfg: TrainConfig) -> None:
+    choices = {
+        "dtype": ("auto", "bf16", "fp16", "fp32"),
+        "loss_backend": ("fused", "reference"),
+        "schedule": ("cosine", "linear", "constant"),
+    }
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{key}: {getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+    positive = ("max_length", "max_tokens", "grad_accum", "epochs", "lora_r", "log_every", "max_bad_steps")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {getattr(cfg, key)}")
+    for key in ("max_steps", "eval_every", "save_every", "patience", "warmup", "lr", "weight_decay"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key}: must not be negative, got {getattr(cfg, key)}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout: must be in [0, 1), got {cfg.lora_dropout}")
+
+
+def load_config(argv: list[str] | None = None) -> TrainConfig:
+    """Build the config from ``[--config file.yaml] [--key value ...]`` (``--key=value`` works too)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_file, cli = None, {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"expected --key value, got {arg!r}; {_valid_keys()}")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"--{key} needs a value")
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        if key == "config":
+            config_file = value
+        else:
+            cli[key] = value
+
+    from_file = {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"--config {config_file}: no such file")
+        try:
+            from_file = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{config_file}: not valid YAML ({' '.join(str(e).split())})") from None
+        if not isinstance(from_file, dict):
+            raise ConfigError(f"{config_file}: expected a mapping of key: value at the top level")
+
+    values: dict = {}
+    _apply(values, from_file, str(config_file))
+    _apply(values, cli, "command line", from_cli=True)
+    if values.get("model", TrainConfig.model) == "demo":
+        values = {**DEMO, **values}
+    cfg = TrainConfig(**values)
+    _check(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
