@@ -208,8 +208,17 @@ _TOKENS_PER_WORD = 1.25  # measured on the demo tokenizer, rough; lengths are ap
 def _text(rng: np.random.Generator, n_words: int, zh_share: float) -> str:
     n_words = max(1, int(n_words))
     if rng.random() < zh_share:
+        # Clauses of 2-7 words separated by punctuation, as in real Chinese text (one unbroken run
+        # of thousands of characters would be a single pre-token and an unrealistic BPE workload).
         idx = rng.integers(0, len(_WORDS_ZH), n_words)
-        return "".join(_WORDS_ZH[i] for i in idx) + "。"
+        marks = rng.integers(2, 8, n_words)
+        return (
+            "".join(
+                _WORDS_ZH[i] + ("，" if j % m == m - 1 else "")
+                for j, (i, m) in enumerate(zip(idx, marks, strict=True))
+            )
+            + "。"
+        )
     idx = rng.integers(0, len(_WORDS_EN), n_words)
     return " ".join(_WORDS_EN[i] for i in idx) + "."
 
