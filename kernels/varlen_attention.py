@@ -186,13 +186,14 @@ def current_backend() -> str:
 
 def _dispatch(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
     backend = current_backend()
-    if backend in _CUDA_ONLY and q.device.type != "cuda":
+    if backend in _CUDA_ONLY and (q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16)):
         if _forced:
             raise RuntimeError(
-                f"attention backend {backend!r} needs CUDA tensors but q is on {q.device}; "
-                f"move the model to CUDA or choose the reference backend ({ENV_VAR}=reference)"
+                f"attention backend {backend!r} needs fp16/bf16 CUDA tensors but q is {q.dtype} on {q.device}; "
+                f"cast the model to bf16 on CUDA or choose the reference backend ({ENV_VAR}=reference)"
             )
-        backend = "reference"  # auto picked a GPU backend; CPU tensors (tests, tools) take the reference
+        # auto picked a GPU backend; CPU or fp32 tensors (tests, tools) take the reference
+        backend = "reference"
     return _IMPLS[backend](q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
 
 
@@ -237,6 +238,10 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, softmax_sc
 
     Returns:
         ``[T, Hq, D]`` in q's dtype. Differentiable with respect to q, k, v on every backend.
+
+    The backend is the one :func:`select_backend` chose (on first use: ``TRITRAIN_ATTN_BACKEND`` or auto).
+    CPU or fp32 tensors under an automatically chosen GPU backend take the reference; under a forced
+    one they are an error.
     """
     _check(q, k, v, cu_seqlens, max_seqlen)
     return _dispatch(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)

@@ -184,7 +184,7 @@ def test_auto_gpu_backend_on_cpu_tensors_falls_back_to_reference():
         varlen_attention(q, k, v, cu, max_len), varlen_attention_ref(q, k, v, cu, max_len)
     )
     va._forced = True
-    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+    with pytest.raises(RuntimeError, match="needs fp16/bf16 CUDA tensors"):
         varlen_attention(q, k, v, cu, max_len)
 
 
