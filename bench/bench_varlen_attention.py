@@ -89,7 +89,7 @@ def test_attention_fwd_bwd(benchmark, provider):
         out.backward(grad)
         _sync()
 
-    benchmark.pedantic(step, rounds=5 if CUDA else 3, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(step, rounds=10 if CUDA else 5, warmup_rounds=1, iterations=1)
     seconds = benchmark.stats.stats.mean
     real = sum(lengths)
     slots = real if provider != "padded_sdpa" else len(lengths) * max(lengths)
