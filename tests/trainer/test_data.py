@@ -1,0 +1,399 @@
+"""trainer/data.py against independent references of GLM-4's rule and of chat-template spans."""
+
+import copy
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from trainer import data
+from trainer.assets.synthetic import demo_conversations, generate_conversations, write_jsonl
+from trainer.data import (
+    DEMO_TRAIN_FILE,
+    DEMO_VAL_FILE,
+    DataError,
+    encode_conversation,
+    encode_file,
+    load_conversations,
+    load_tokenizer,
+)
+
+IGNORE = -100
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("demo")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: GLM-4's finetune_demo process_message / process_batch, written out plainly.
+
+
+def ref_process_message(message):
+    message = copy.deepcopy(message)
+    if "tools" in message and message["role"] == "system":
+        for tool in message["tools"]:
+            props = tool["function"]["parameters"]["properties"]
+            tool["function"]["parameters"]["properties"] = {k: v for k, v in props.items() if v is not None}
+    elif "tools" in message:
+        del message["tools"]
+    return message
+
+
+def ref_glm4(conv, tokenizer, end_id, trained=None):
+    """GLM-4's per-message rule; ``trained[i]`` says whether assistant message i is trained."""
+    gmask, sop = tokenizer.convert_tokens_to_ids(["[gMASK]", "<sop>"])
+    input_ids, loss_masks = [gmask, sop], [False, False]
+    for i, message in enumerate(conv):
+        message = ref_process_message(message)
+        mask_val = message["role"] not in ("system", "user", "observation")
+        if trained is not None:
+            mask_val = mask_val and trained[i]
+        new_ids = tokenizer.apply_chat_template([message], tokenize=True, return_dict=False)[2:]
+        input_ids += new_ids
+        loss_masks += [mask_val] * len(new_ids)
+    input_ids.append(end_id)
+    loss_masks = [False, *loss_masks]
+    labels = [t if m else IGNORE for t, m in zip(input_ids, loss_masks, strict=False)]  # drops the extra mask
+    return input_ids, labels
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "查询天气 / get the weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "unit": None, "days": {"type": "integer"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+
+
+def rich_conversations():
+    return [
+        [
+            {"role": "system", "content": "You are helpful.", "tools": TOOLS},
+            {"role": "user", "content": "北京今天天气怎么样？"},
+            {"role": "assistant", "metadata": "get_weather", "content": '{"city": "北京"}'},
+            {"role": "observation", "content": '{"temperature": 21, "condition": "晴"}'},
+            {"role": "assistant", "content": "北京今天晴，21度。"},
+            {"role": "user", "content": "And in Paris?", "tools": TOOLS},
+            {"role": "assistant", "metadata": "get_weather", "content": '{"city": "Paris"}'},
+            {"role": "observation", "content": '{"temperature": 15}'},
+            {"role": "assistant", "content": "It is 15 degrees in Paris."},
+        ],
+        [
+            {"role": "system", "content": "", "tools": TOOLS},  # tools block only
+            {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": ""},  # empty content renders nothing
+            {"role": "user", "content": "Say hi"},
+            {"role": "assistant", "content": "Hi!\n\n  with spaces  "},
+        ],
+        [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+    ]
+
+
+@pytest.mark.parametrize("end_token", [None, "eos"])
+def test_glm4_matches_reference_on_rich_conversations(tok, end_token):
+    end_id = tok.eos_token_id if end_token == "eos" else tok.convert_tokens_to_ids("<|user|>")
+    for conv in rich_conversations():
+        got = encode_conversation(conv, tok, end_token=end_token)
+        ids, labels = ref_glm4(conv, tok, end_id)
+        assert got.input_ids == ids
+        assert got.labels == labels
+        assert any(label != IGNORE for label in got.labels)
+
+
+def test_glm4_matches_reference_on_demo_files(tok):
+    end_id = tok.convert_tokens_to_ids("<|user|>")
+    convs = load_conversations(DEMO_TRAIN_FILE)[:120] + load_conversations(DEMO_VAL_FILE)
+    for rec in convs:
+        got = encode_conversation(rec["messages"], tok)
+        assert (got.input_ids, got.labels) == ref_glm4(rec["messages"], tok, end_id)
+
+
+def test_glm4_fast_path_equals_template_path(tok, monkeypatch):
+    convs = [r["messages"] for r in load_conversations(DEMO_TRAIN_FILE)[:60]] + rich_conversations()
+    convs += [c["messages"] for c in generate_conversations(20, mean_tokens=300, seed=5)]
+    fast = [encode_conversation(c, tok) for c in convs]
+    encoder = data._encoder_for(tok, "glm4", "all", None)
+    assert encoder.fast, "the demo template should take the direct-rendering path"
+    monkeypatch.setattr(encoder, "fast", False)  # every message through apply_chat_template
+    slow = [encode_conversation(c, tok) for c in convs]
+    assert fast == slow
+
+
+def test_glm4_label_semantics(tok):
+    conv = rich_conversations()[2]
+    e = encode_conversation(conv, tok)
+    toks = tok.convert_ids_to_tokens(e.input_ids)
+    labelled = [t for t, label in zip(toks, e.labels, strict=True) if label != IGNORE]
+    assert toks[:2] == ["[gMASK]", "<sop>"] and toks[-1] == "<|user|>"
+    assert "<|assistant|>" not in labelled  # the role token is never a target
+    assert labelled[-1] == "<|user|>"  # the token after the turn is: GLM-4 learns to stop
+    assert tok.decode([t for t in e.labels if t != IGNORE][:-1]) == "\n4"
+
+
+def test_loss_on_last_and_loss_false(tok):
+    conv = rich_conversations()[0]
+    end_id = tok.convert_tokens_to_ids("<|user|>")
+    last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
+    got = encode_conversation(conv, tok, loss_on="last")
+    assert (got.input_ids, got.labels) == ref_glm4(conv, tok, end_id, [i == last for i in range(len(conv))])
+
+    conv2 = copy.deepcopy(conv)
+    conv2[2]["loss"] = False
+    got = encode_conversation(conv2, tok)
+    expect = ref_glm4(conv, tok, end_id, [i != 2 for i in range(len(conv))])
+    assert (got.input_ids, got.labels) == expect
+    assert got.labels != encode_conversation(conv, tok).labels
+
+
+def test_openai_aliases(tok):
+    openai = [
+        {"role": "system", "content": "sys", "tools": TOOLS},
+        {"role": "user", "content": "weather?", "tools": None},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'}}
+            ],
+        },
+        {"role": "tool", "content": '{"temperature": 30}'},
+        {"role": "assistant", "content": "30 degrees."},
+    ]
+    glm = [
+        {"role": "system", "content": "sys", "tools": TOOLS},
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "metadata": "get_weather", "content": '{"city": "Rome"}'},
+        {"role": "observation", "content": '{"temperature": 30}'},
+        {"role": "assistant", "content": "30 degrees."},
+    ]
+    assert encode_conversation(openai, tok) == encode_conversation(glm, tok)
+    assert openai[2]["content"] is None  # the caller's data is not modified
+
+
+def test_tools_null_tolerated(tok):
+    conv = [
+        {"role": "system", "content": "s", "tools": None},
+        {"role": "user", "content": "u", "tools": None},
+    ]
+    conv += [{"role": "assistant", "content": "a", "tools": None}]
+    plain = [{k: v for k, v in m.items() if k != "tools"} for m in conv]
+    assert encode_conversation(conv, tok) == encode_conversation(plain, tok)
+
+
+# ---------------------------------------------------------------------------------------------
+# chat_template path
+
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+def _variant(template, specials, bos=None):
+    t = AutoTokenizer.from_pretrained(str(data.DEMO_TOKENIZER_DIR))
+    t.add_special_tokens({"additional_special_tokens": specials})
+    if bos:
+        t.add_special_tokens({"bos_token": bos})
+    t.chat_template = template
+    return t
+
+
+@pytest.fixture(scope="module")
+def chatml():
+    return _variant(CHATML, ["<|im_start|>", "<|im_end|>"])
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    return _variant(
+        LLAMA3, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], bos="<|begin_of_text|>"
+    )
+
+
+PLAIN = [
+    {"role": "system", "content": "You are helpful."},
+    {"role": "user", "content": "Hello 你好"},
+    {"role": "assistant", "content": "Hi! 你好！"},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4, of course."},
+]
+
+
+def labelled_text(tokenizer, e):
+    return tokenizer.decode([t for t in e.labels if t != IGNORE])
+
+
+def test_chatml_spans(chatml):
+    e = encode_conversation(PLAIN, chatml, template="chat_template")
+    full = chatml.apply_chat_template(PLAIN, tokenize=False)
+    assert e.input_ids == chatml(full, add_special_tokens=False)["input_ids"]
+    assert labelled_text(chatml, e) == "Hi! 你好！<|im_end|>4, of course.<|im_end|>"
+    e_last = encode_conversation(PLAIN, chatml, template="chat_template", loss_on="last")
+    assert labelled_text(chatml, e_last) == "4, of course.<|im_end|>"
+
+
+def test_llama3_spans(llama3):
+    e = encode_conversation(PLAIN, llama3, template="chat_template")
+    assert llama3.convert_ids_to_tokens(e.input_ids[0]) == "<|begin_of_text|>"
+    assert labelled_text(llama3, e) == "Hi! 你好！<|eot_id|>4, of course.<|eot_id|>"
+
+
+def test_chat_template_with_glm4_tokenizer_equals_glm4_rule(tok):
+    for conv in rich_conversations()[:1] + [PLAIN]:
+        a = encode_conversation(conv, tok, template="chat_template", end_token="<|user|>")
+        assert a == encode_conversation(conv, tok)
+
+
+def test_chat_template_refuses_non_prefix_template():
+    t = _variant(
+        "{% for m in messages %}{% if loop.last %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>"
+        "{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}",
+        ["<|im_start|>", "<|im_end|>"],
+    )
+    with pytest.raises(ValueError, match="not extend"):
+        encode_conversation(PLAIN, t, template="chat_template")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files, errors, summary, cache
+
+
+def _write(tmp_path, lines, name="d.jsonl"):
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return p
+
+
+GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+
+
+@pytest.mark.parametrize(
+    "bad, problem",
+    [
+        ("{not json", "invalid JSON"),
+        (json.dumps({"msgs": []}), "missing 'messages'"),
+        (json.dumps({"messages": "hi"}), "'messages' must be a list"),
+        (json.dumps({"messages": [{"role": "bot", "content": "x"}]}), "unknown role 'bot'"),
+        (json.dumps({"messages": [{"role": "user", "content": 3}]}), "content must be a string, got int"),
+        (json.dumps({"messages": [{"role": "user", "content": None}]}), "content must be a string, got null"),
+        (
+            json.dumps(
+                {
+                    "messages": [
+                        {
+                            "role": "assistant",
+                            "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}],
+                        }
+                    ]
+                }
+            ),
+            "unparseable arguments",
+        ),
+    ],
+)
+def test_bad_input_names_file_line_problem(tmp_path, tok, bad, problem):
+    p = _write(tmp_path, [GOOD, "", GOOD, bad, GOOD])
+    for call in (lambda: load_conversations(p), lambda: encode_file(p, tok, cache_dir=False, progress=False)):
+        with pytest.raises(DataError) as ei:
+            call()
+        msg = str(ei.value)
+        assert msg.startswith(f"{p}:4: ") and problem in msg and "\n" not in msg
+
+
+def test_json_array_file_and_line_numbers(tmp_path, tok):
+    good = json.loads(GOOD)
+    p = tmp_path / "a.json"
+    p.write_text(json.dumps([good, good], indent=1))
+    assert load_conversations(p) == [good, good]
+    bad = [good, {"messages": [{"role": "robot", "content": "x"}]}]
+    p.write_text("[\n" + json.dumps(bad[0]) + ",\n\n" + json.dumps(bad[1]) + "\n]")
+    with pytest.raises(DataError, match=rf"^{p}:4: message 1: unknown role"):
+        load_conversations(p)
+
+
+def test_encode_file_matches_per_conversation_and_summary(tmp_path, tok):
+    convs = demo_conversations(40, seed=3)
+    convs.append({"messages": [{"role": "user", "content": "only a question"}]})  # nothing to train
+    convs.append(
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "loss": False}]}
+    )
+    long = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 1500}]}
+    convs.append(long)
+    p = tmp_path / "c.jsonl"
+    write_jsonl(convs, p)
+    expect = [encode_conversation(c["messages"], tok) for c in convs]
+    kept = [e for e in expect if any(t != IGNORE for t in e.labels) and len(e.input_ids) <= 1000]
+
+    ds, s = encode_file(p, tok, max_length=1000, cache_dir=False, num_workers=2, progress=False)
+    assert list(ds) == kept
+    assert (s.conversations, s.kept, s.skipped_no_label, s.dropped_overlong) == (43, len(kept), 2, 1)
+    assert s.tokens == sum(len(e.input_ids) for e in kept)
+    assert s.label_tokens == sum(sum(t != IGNORE for t in e.labels) for e in kept)
+    assert "dropped 1" in s.format() and "no trainable token" in s.format()
+
+    ds, s = encode_file(p, tok, max_length=1000, overlong="truncate", cache_dir=False, progress=False)
+    assert s.truncated == 1 and s.dropped_overlong == 0 and len(ds) == len(kept) + 1
+    cut = expect[-1]
+    assert ds[-1] == type(cut)(cut.input_ids[:1000], cut.labels[:1000])
+
+
+def test_cache_roundtrip_and_key(tmp_path, tok):
+    p = tmp_path / "c.jsonl"
+    write_jsonl(demo_conversations(30, seed=4), p)
+    cache = tmp_path / "cache"
+    ds1, s1 = encode_file(p, tok, cache_dir=cache, progress=False, num_workers=1)
+    ds2, s2 = encode_file(p, tok, cache_dir=cache, progress=False)
+    assert not s1.from_cache and s2.from_cache
+    assert list(ds1) == list(ds2) and s2.tokens == s1.tokens
+    _, s3 = encode_file(p, tok, cache_dir=cache, progress=False, loss_on="last")  # other settings
+    assert not s3.from_cache
+    write_jsonl(demo_conversations(30, seed=5), p)  # other content
+    _, s4 = encode_file(p, tok, cache_dir=cache, progress=False)
+    assert not s4.from_cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Assets
+
+
+def test_demo_assets(tok):
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token is not None
+    for t in ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]:
+        assert tok.convert_tokens_to_ids(t) != tok.unk_token_id and len(tok.tokenize(t)) == 1
+    train, val = load_conversations(DEMO_TRAIN_FILE), load_conversations(DEMO_VAL_FILE)
+    assert len(train) >= 200 and 30 <= len(val) <= 50
+    roles = {m["role"] for r in train for m in r["messages"]}
+    assert roles == {"system", "user", "assistant", "observation"}
+    text = "".join(m["content"] for r in train for m in r["messages"])
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in text) and "weather" in text
+    assert tok.decode(tok("北京 weather 21°C")["input_ids"]) == "北京 weather 21°C"
+
+
+def test_synthetic_lengths_and_labelled_fraction(tok):
+    convs = generate_conversations(300, mean_tokens=400, labelled_fraction=0.3, seed=1)
+    enc = [encode_conversation(c["messages"], tok) for c in convs]
+    lengths = sorted(len(e.input_ids) for e in enc)
+    mean = sum(lengths) / len(lengths)
+    assert 200 < mean < 800
+    assert lengths[-1] > 3 * lengths[len(lengths) // 2]  # long tail
+    frac = sum(sum(t != IGNORE for t in e.labels) for e in enc) / sum(lengths)
+    assert 0.15 < frac < 0.45
