@@ -123,10 +123,22 @@ def test_glm4_fast_path_equals_template_path(tok, monkeypatch):
     convs += [c["messages"] for c in generate_conversations(20, mean_tokens=300, seed=5)]
     fast = [encode_conversation(c, tok) for c in convs]
     encoder = data._encoder_for(tok, "glm4", "all", None)
-    assert encoder.fast, "the demo template should take the direct-rendering path"
+    assert encoder.fast and encoder.pieces is not None, "the demo tokenizer should take the direct path"
     monkeypatch.setattr(encoder, "fast", False)  # every message through apply_chat_template
     slow = [encode_conversation(c, tok) for c in convs]
     assert fast == slow
+
+
+def test_piece_encoder_equals_backend_on_random_text(tok):
+    import random
+
+    pieces = data._PieceEncoder.for_backend(tok.backend_tokenizer)
+    alphabet = "ab Zz09 \t\n\r,.!?'\"{}[]:-_北京你好，。！？é½²🙂\u00a0\u3000" + "<|user|>"
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        text += rng.choice(["", "'s", "'ll", " 123", "  ", "\n\n"])
+        assert pieces.encode(text) == tok.backend_tokenizer.encode(text, add_special_tokens=False).ids, text
 
 
 def test_glm4_label_semantics(tok):

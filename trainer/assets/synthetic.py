@@ -202,7 +202,7 @@ _WORDS_EN = (
 _WORDS_ZH = (
     "我们 模型 数据 训练 结果 问题 回答 时间 城市 天气 函数 文件 速度 内存 例如 因为 所以 但是 然后"
 ).split()
-_TOKENS_PER_WORD = 1.25  # measured on the demo tokenizer, rough; lengths are approximate by design
+_TOKENS_PER_WORD = 1.0  # measured on the demo tokenizer, rough; lengths are approximate by design
 
 
 def _text(rng: np.random.Generator, n_words: int, zh_share: float) -> str:
