@@ -33,10 +33,10 @@ class TrainConfig:
     # data
     train_file: str = "demo"  # JSONL of {"messages": [...]}; "demo": the built-in sample conversations
     val_file: str = "demo"  # validation JSONL; "demo": the built-in one; empty: no validation
-    template: str = "glm4"  # chat template used to render conversations (see trainer/data.py)
-    loss_on: str = "all"  # which assistant turns are targets (see trainer/data.py)
+    template: str = "glm4"  # "glm4": GLM-4 per-message labels; "chat_template": the tokenizer's own template
+    loss_on: str = "all"  # assistant turns trained on: "all" or "last" (the last one only)
     max_length: int = 2048  # longest conversation in tokens
-    overlong: str = "drop"  # what to do with a longer one: "drop", "truncate" or "error"
+    overlong: str = "drop"  # what to do with a longer one: "drop" or "truncate" (cut on the right)
     max_tokens: int = 8192  # token budget of one packed row (one micro-batch)
 
     # optimisation
@@ -72,17 +72,18 @@ class TrainConfig:
 # What `python -m trainer` with no arguments runs: a random model learns the sample conversations in
 # about a minute on two CPU cores. Applied only when model is "demo"; YAML and --key value still win.
 DEMO = dict(
-    max_tokens=1024,
+    max_length=512,
+    max_tokens=512,
     grad_accum=1,
-    max_steps=120,
-    lr=2e-3,
+    max_steps=150,
+    lr=5e-3,
     warmup=10,
     lora_r=16,
     lora_alpha=32.0,
     lora_dropout=0.0,
     log_every=10,
-    eval_every=40,
-    save_every=60,
+    eval_every=50,
+    save_every=50,
     output_dir="output/demo",
 )
 
@@ -154,6 +155,9 @@ def _check(cfg: TrainConfig) -> None:
         "dtype": ("auto", "bf16", "fp16", "fp32"),
         "loss_backend": ("fused", "reference"),
         "schedule": ("cosine", "linear", "constant"),
+        "overlong": ("drop", "truncate"),  # as trainer/data.py accepts
+        "loss_on": ("all", "last"),
+        "template": ("glm4", "chat_template"),
     }
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -165,6 +169,11 @@ def _check(cfg: TrainConfig) -> None:
     for key in ("max_steps", "eval_every", "save_every", "patience", "warmup", "lr", "weight_decay"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}: must not be negative, got {getattr(cfg, key)}")
+    if cfg.max_tokens < cfg.max_length:
+        raise ConfigError(
+            f"max_tokens={cfg.max_tokens} is less than max_length={cfg.max_length}: the longest "
+            "conversations would not fit in a packed row; raise max_tokens or lower max_length"
+        )
     if not 0 <= cfg.lora_dropout < 1:
         raise ConfigError(f"lora_dropout: must be in [0, 1), got {cfg.lora_dropout}")
 
