@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,7 @@ def main() -> None:
 
     tok = load_tokenizer("demo")
     cache = work / "cache"
+    shutil.rmtree(cache, ignore_errors=True)  # the first encode must not find an old entry
     common = dict(max_length=args.max_length, num_workers=args.workers, cache_dir=cache, progress=False)
     t0 = time.perf_counter()
     ds, first = encode_file(path, tok, **common)

@@ -230,16 +230,16 @@ def _parse_record(text: str) -> dict:
     return record
 
 
-def _read_text(path) -> tuple[str, str]:
-    """The file's text and a digest of its bytes."""
-    path = Path(path)
+def _read_bytes(path) -> bytes:
     try:
-        raw = path.read_bytes()
+        return Path(path).read_bytes()
     except OSError as e:
         raise DataError(f"{path}:0: cannot read: {e.strerror}") from None
-    digest = hashlib.blake2b(raw, digest_size=20).hexdigest()
+
+
+def _decode(path, raw: bytes) -> str:
     try:
-        return raw.decode("utf-8"), digest
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
@@ -250,7 +250,7 @@ def load_conversations(path) -> list[dict]:
 
     Returns the records as written. Raises ``DataError("<file>:<line>: <problem>")``.
     """
-    text, _ = _read_text(path)
+    text = _decode(path, _read_bytes(path))
     records = []
     try:
         for line, item in _iter_items(text):
@@ -452,9 +452,23 @@ class _PieceEncoder:
         return enc
 
     def encode(self, text: str) -> list[int]:
-        if self.added(text):
-            return self.backend.encode(text, add_special_tokens=False).ids
-        return list(itertools.chain.from_iterable(map(self.cache.__getitem__, self.split(text))))
+        return self.encode_many([text])[0]
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        cache = self.cache
+        splits = [None if self.added(t) else self.split(t) for t in texts]
+        missing = set().union(*(sp for sp in splits if sp is not None)) - cache.keys()
+        if missing:  # one batch call for every new piece: the per-call overhead dominates otherwise
+            if len(cache) + len(missing) > _PIECE_CACHE_LIMIT:
+                cache.clear()
+            new = list(missing)
+            encoded = self.backend.encode_batch(new, add_special_tokens=False)
+            cache.update(zip(new, (tuple(e.ids) for e in encoded), strict=True))
+        chain, get = itertools.chain.from_iterable, cache.__getitem__
+        return [
+            self.backend.encode(t, add_special_tokens=False).ids if sp is None else list(chain(map(get, sp)))
+            for t, sp in zip(texts, splits, strict=True)
+        ]
 
 
 class _Encoder:
@@ -477,6 +491,7 @@ class _Encoder:
                 raise ValueError("template='glm4' needs a tokenizer with [gMASK] and <sop> tokens")
             self.fast = self._fast_rendering_matches()
             self.role_ids = {r: _token_id(tokenizer, f"<|{r}|>") for r in ROLES}
+            self._tools_cache: dict[str, tuple] = {}
             self.pieces = _PieceEncoder.for_backend(self.backend)
             if self.fast and self.pieces is not None:
                 self.fast = self._direct_ids_match()
@@ -526,19 +541,16 @@ class _Encoder:
         role_id = self.role_ids[m["role"]]
         return [role_id] + self.pieces.encode(f"{m.get('metadata', '')}\n{m['content']}")
 
-    def message_ids(self, messages: list[dict]) -> list[list[int]]:
-        """Per message, its template rendering's tokens minus the leading ``[gMASK]<sop>``."""
-        if self.fast and self.pieces is not None:
-            out = []
-            for m in messages:
-                if "tools" in m:
-                    text = self._render_one(m)
-                    out.append(self.backend.encode(text, add_special_tokens=False).ids)
-                else:
-                    out.append(self._direct_ids(m))
-            return out
-        texts = self.message_texts(messages)
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+    def _tools_message_ids(self, m: dict) -> tuple:
+        # Tool lists repeat across a dataset: render and tokenize each distinct one once.
+        key = json.dumps(m, ensure_ascii=False)
+        ids = self._tools_cache.get(key)
+        if ids is None:
+            if len(self._tools_cache) > 10_000:
+                self._tools_cache.clear()
+            text = self._render_one(m)
+            ids = self._tools_cache[key] = tuple(self.backend.encode(text, add_special_tokens=False).ids)
+        return ids
 
     def message_texts(self, messages: list[dict]) -> list[str]:
         if self.fast:
@@ -548,7 +560,19 @@ class _Encoder:
     def encode_glm4_batch(self, convs: list[tuple[list[dict], list[bool]]]) -> list[tuple[list, list]]:
         """GLM-4's per-message ``process_batch`` for many conversations: (ids, label mask) each."""
         if self.pieces is not None and self.fast:
-            toks = [t for messages, _ in convs for t in self.message_ids(messages)]
+            toks, texts, slots = [], [], []
+            for messages, _ in convs:
+                for m in messages:
+                    if "tools" in m:
+                        toks.append(list(self._tools_message_ids(m)))
+                    elif not m["content"]:
+                        toks.append([])  # GLM-4's template renders nothing for empty content
+                    else:
+                        slots.append(len(toks))
+                        toks.append([self.role_ids[m["role"]]])
+                        texts.append(f"{m.get('metadata', '')}\n{m['content']}")
+            for slot, ids in zip(slots, self.pieces.encode_many(texts), strict=True):
+                toks[slot] += ids
             counts = [len(messages) for messages, _ in convs]
         else:
             texts, counts = [], []
@@ -601,9 +625,13 @@ class _Encoder:
                 if start is None:
                     found = cur.find(content.strip(), len(prev)) if content.strip() else -1
                     start = found if found >= 0 else len(prev)
+                # The turn ends at its end-of-turn marker (trailing newlines are the next turn's
+                # business); with no marker after the text (GLM-4), at the end of the rendered text.
                 end = max(len(cur.rstrip()), start)
                 body = content.strip()
                 has_marker = not body or not cur[start:end].endswith(body)
+                if not has_marker:
+                    end = len(cur)
                 spans.append((start, end, has_marker))
             prev = cur
         full = prev
@@ -710,8 +738,9 @@ def _encode_chunk(items: list[tuple[int, str]]):
         ids_parts.append(ids)
         mask_parts.append(mask)
         lengths.append(len(ids))
-    flat_ids = np.fromiter((t for ids in ids_parts for t in ids), dtype=np.int32)
-    flat_mask = np.fromiter((m for mask in mask_parts for m in mask), dtype=np.bool_)
+    total = sum(lengths)
+    flat_ids = np.fromiter(itertools.chain.from_iterable(ids_parts), dtype=np.int32, count=total)
+    flat_mask = np.fromiter(itertools.chain.from_iterable(mask_parts), dtype=np.bool_, count=total)
     return ("ok", flat_ids, flat_mask, np.asarray(lengths, dtype=np.int64), counts, len(items))
 
 
@@ -779,10 +808,11 @@ def encode_file(
     if not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
     encoder = _encoder_for(tokenizer, template, loss_on, end_token)  # validates the settings
-    text, digest = _read_text(path)
+    raw = _read_bytes(path)
 
     entry = None
     if cache_dir is not False:
+        digest = hashlib.blake2b(raw, digest_size=20).hexdigest()
         settings = [_CACHE_FORMAT, template, loss_on, encoder.end_id, max_length, overlong]
         key = hashlib.sha256(json.dumps([digest, _tokenizer_fingerprint(tokenizer), settings]).encode())
         entry = Path(cache_dir or _default_cache_dir()) / key.hexdigest()[:32]
@@ -792,6 +822,8 @@ def encode_file(
             summary.path, summary.from_cache, summary.seconds = str(path), True, time.perf_counter() - t0
             return ds, summary
 
+    text = _decode(path, raw)
+    del raw
     try:
         items = list(_iter_items(text))
     except _LineProblem as e:
