@@ -72,10 +72,9 @@ class TrainConfig:
 # What `python -m trainer` with no arguments runs: a random model learns the sample conversations in
 # about a minute on two CPU cores. Applied only when model is "demo"; YAML and --key value still win.
 DEMO = dict(
-    max_length=512,
-    max_tokens=512,
-    grad_accum=1,
-    max_steps=150,
+    max_length=1024,
+    max_tokens=1024,
+    max_steps=200,
     lr=5e-3,
     warmup=10,
     lora_r=16,
@@ -83,7 +82,7 @@ DEMO = dict(
     lora_dropout=0.0,
     log_every=10,
     eval_every=50,
-    save_every=50,
+    save_every=100,
     output_dir="output/demo",
 )
 

@@ -237,12 +237,15 @@ def train(cfg: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     # model: load, check the head, packed attention, LoRA
-    model, tokenizer = load_model(cfg)
-    head = lm_head_spec(model)
-    enable_varlen_attention(model, None if cfg.attn_backend == "auto" else cfg.attn_backend)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_lora(model, cfg)
+    try:
+        model, tokenizer = load_model(cfg)
+        head = lm_head_spec(model)
+        enable_varlen_attention(model, None if cfg.attn_backend == "auto" else cfg.attn_backend)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = apply_lora(model, cfg)
+    except (ValueError, OSError) as e:  # unsupported model or head, missing path, bad LoRA target
+        raise TrainingError(f"model {cfg.model}: {' '.join(str(e).split())}") from e
     model.train()
     device = head[0].device
     dtype = resolve_dtype(cfg.dtype, device)

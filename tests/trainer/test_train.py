@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 import trainer.train as train_module
 from kernels import masked_linear_cross_entropy
@@ -34,7 +35,7 @@ def _lines(path):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
-    cfg = _cfg(tmp, "--max-steps", "16", "--eval-every", "8", "--save-every", "8")
+    cfg = _cfg(tmp, "--max-steps", "16", "--eval-every", "8", "--save-every", "8", "--save-merged", "true")
     return cfg, train(cfg)
 
 
@@ -81,8 +82,19 @@ def test_adapter_loads_with_peft_and_transformers(demo_run):
 
     hf, _ = load_model(cfg)
     hf.load_adapter(str(final))
+    merged = AutoModelForCausalLM.from_pretrained(Path(cfg.output_dir) / "merged")
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, adapted)
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_early_stopping_keeps_the_best_adapter(tmp_path):
+    # lr 0: the validation loss never improves on the first evaluation, so patience 2 stops at step 3
+    cfg = _cfg(tmp_path, "--max-steps", "10", "--lr", "0", "--eval-every", "1", "--patience", "2")
+    result = train(cfg)
+    assert result["steps"] == 3 and result["stop_reason"].startswith("early stop")
+    assert (Path(cfg.output_dir) / "best" / "adapter_model.safetensors").is_file()
+    assert [r["step"] for r in _lines(Path(cfg.output_dir) / "metrics.jsonl") if "val_loss" in r] == [1, 2, 3]
 
 
 # ------------------------------------------------------------------------------- loss normalisation
@@ -225,3 +237,5 @@ def test_cli_prints_one_line_errors(capsys):
     assert err == "error: lr: expected float, got 'x' (str)"
     assert main(["--train-file", "/nonexistent.jsonl", "--device", "cpu"]) == 2
     assert "/nonexistent.jsonl" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(["--model", "/nonexistent/model", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: model /nonexistent/model: ")
