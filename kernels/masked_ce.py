@@ -206,6 +206,21 @@ def _rows_torch(logits, bias, labels, row_scale, *, softcap, label_smoothing, co
     return loss, lse, g
 
 
+_MM_OUT_DTYPE_OK: dict[str, bool] = {}
+
+
+def _mm_fp32(a, b):
+    """``a @ b`` with fp32 output: fp32 accumulation in one GEMM on CUDA, an upcast elsewhere."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and _MM_OUT_DTYPE_OK.get(a.device.type, True):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE_OK[a.device.type] = False  # older torch: fall through, once
+    return a.float() @ b.float()
+
+
 def _chunk_rows(V: int, itemsize: int, use_triton: bool, scratch_bytes: int) -> int:
     # Per row of the chunk: V fp32 logits, plus V grad values when the input is bf16/fp16 (Triton path);
     # the CPU path holds up to two fp32 [C, V] temporaries (softcap's tanh beside the logits).
@@ -240,10 +255,7 @@ def _chunked_loss_and_grads(
         yc = y[s:e]
         rc = row_scale[s:e] if row_scale is not None else None
         if use_triton:
-            if hc.is_cuda and hc.dtype != torch.float32:
-                logits = torch.mm(hc, w_mm.t(), out_dtype=torch.float32)
-            else:
-                logits = hc.float() @ w_mm.float().t()
+            logits = _mm_fp32(hc, w_mm.t())
             lc, _, g = _rows_triton(
                 logits, bias, yc, rc, softcap=softcap, label_smoothing=label_smoothing,
                 compute_grad=compute_grad, grad_dtype=h.dtype,
@@ -264,8 +276,7 @@ def _chunked_loss_and_grads(
             else:
                 dh[s:e] = (g @ w_mm).to(h.dtype)
         if need_dw:
-            hg = hc if hc.dtype == g.dtype else hc.to(g.dtype)
-            dW.add_(g.t() @ hg)
+            dW.add_(_mm_fp32(g.t(), hc if hc.dtype == g.dtype else hc.to(g.dtype)))
         if need_db:
             db.add_(g.sum(0))
     return loss, dh, dW, db
