@@ -151,6 +151,7 @@ def load_model(cfg) -> tuple[torch.nn.Module, object]:
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    _check_model_path(cfg.model)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     if cfg.model == "demo":
         spec = json.loads(DEMO_MODEL_CONFIG.read_text())
@@ -164,6 +165,13 @@ def load_model(cfg) -> tuple[torch.nn.Module, object]:
     else:
         model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
     return model.to(device=device, dtype=dtype), tokenizer
+
+
+def _check_model_path(name: str) -> None:
+    """A missing local directory gets a clear error (not a hub lookup's "Repo id must be in the form")."""
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if name != "demo" and looks_local and not Path(name).expanduser().exists():
+        raise ValueError("no such directory; give a Hugging Face model directory, a hub id, or demo")
 
 
 def apply_lora(model: torch.nn.Module, cfg) -> torch.nn.Module:
