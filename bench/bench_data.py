@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.assets.synthetic import generate_conversations, write_jsonl  # noqa: E402
 from trainer.data import encode_file, load_tokenizer  # noqa: E402
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """(this process, its finished child processes): user + system CPU seconds."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
 def main() -> None:
@@ -45,9 +52,10 @@ def main() -> None:
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)  # the first encode must not find an old entry
     common = dict(max_length=args.max_length, num_workers=args.workers, cache_dir=cache, progress=False)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     ds, first = encode_file(path, tok, **common)
     first_s = time.perf_counter() - t0
+    cpu = [b - a for a, b in zip(cpu0, _cpu_seconds(), strict=True)]
     t0 = time.perf_counter()
     ds2, again = encode_file(path, tok, **common)
     cached_s = time.perf_counter() - t0
@@ -68,6 +76,10 @@ def main() -> None:
     print(
         f"first encode {first_s:.1f}s ({first.tokens / first_s / 1e6:.2f} M tokens/s, "
         f"{first.conversations / first_s:.0f} conv/s); cached load {cached_s:.2f}s"
+    )
+    print(
+        f"CPU time of the first encode: main process {cpu[0]:.1f}s, workers {cpu[1]:.1f}s; "
+        f"on {os.cpu_count()} idle cores at least {(cpu[0] + cpu[1]) / os.cpu_count():.1f}s of wall time"
     )
     print(
         f"cpus {os.cpu_count()}, load average {load}, python {platform.python_version()}, "
