@@ -24,7 +24,7 @@ class TrainConfig:
     # model
     model: str = "demo"  # Hugging Face model directory or hub id; "demo": a small random GLM-4
     tokenizer: str = ""  # tokenizer directory; empty: the model's ("demo": the built-in one)
-    dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp16" or "fp32": weights and autocast
+    dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32": frozen weights and autocast
     device: str = "auto"  # "auto" (cuda if available), "cuda", "cuda:1" or "cpu"
     attn_backend: str = "auto"  # varlen attention backend; "auto": the first available (trainer/model.py)
     loss_backend: str = "fused"  # "fused": masked_linear_cross_entropy; "reference": plain torch, to compare
@@ -151,7 +151,7 @@ def _apply(values: dict, settings: dict, source: str, from_cli: bool = False) ->
 
 def _check(cfg: TrainConfig) -> None:
     choices = {
-        "dtype": ("auto", "bf16", "fp16", "fp32"),
+        "dtype": ("auto", "bf16", "fp32"),  # fp16 would need loss scaling: use bf16
         "loss_backend": ("fused", "reference"),
         "schedule": ("cosine", "linear", "constant"),
         "overlong": ("drop", "truncate"),  # as trainer/data.py accepts

@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm import tqdm
 
 from kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
@@ -176,7 +177,20 @@ def find_checkpoint(cfg: TrainConfig) -> Path | None:
     return found[-1].parent if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+# Settings that decide which rows a step sees: resuming with other values would replay different data.
+RESUME_MUST_MATCH = ("model", "train_file", "template", "loss_on", "max_length", "overlong",
+                     "max_tokens", "grad_accum", "epochs", "max_steps", "seed", "lora_r",
+                     "lora_target_modules")  # fmt: skip
+
+
+def load_checkpoint(path: Path, cfg: TrainConfig, model, optimizer, scheduler) -> dict:
+    saved_cfg = yaml.safe_load((path / "train_config.yaml").read_text())
+    for key in RESUME_MUST_MATCH:
+        if saved_cfg.get(key) != getattr(cfg, key):
+            raise TrainingError(
+                f"resume: {path} was made with {key}={saved_cfg.get(key)!r}, this run has "
+                f"{getattr(cfg, key)!r}; use the same setting or start a fresh output_dir"
+            )
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -262,6 +276,8 @@ def train(cfg: TrainConfig) -> dict:
         return data
 
     train_data = encode(cfg.train_file, DEMO_TRAIN_FILE)
+    if len(train_data) == 0:
+        raise TrainingError(f"train_file {cfg.train_file}: no conversation left to train on (see above)")
     val_data = encode(cfg.val_file, DEMO_VAL_FILE) if cfg.val_file else []
     val_batches = make_packed_batches(val_data, cfg.max_tokens) if val_data else []
     rows_per_epoch = len(make_packed_batches(train_data, cfg.max_tokens, seed=cfg.seed))
@@ -278,10 +294,15 @@ def train(cfg: TrainConfig) -> dict:
                  bad_in_row=0)  # fmt: skip
     resume_from = find_checkpoint(cfg)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        state = load_checkpoint(resume_from, cfg, model, optimizer, scheduler)
         tqdm.write(f"resumed from {resume_from} at step {state['step']}")
     elif cfg.resume == "auto":
         tqdm.write(f"resume auto: no checkpoint in {out}, starting fresh")
+    elif stale := sorted(out.glob("checkpoint-*")):
+        raise TrainingError(
+            f"output_dir {out} already holds checkpoints (newest {stale[-1].name}): continue that run with "
+            "--resume auto, or choose another --output-dir"
+        )
     records = _read_metrics(out / "metrics.jsonl", state["step"])
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     save_config(cfg, out / "train_config.yaml")

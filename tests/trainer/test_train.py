@@ -175,6 +175,11 @@ def test_resume_after_interrupt_gives_identical_losses(tmp_path, monkeypatch):
     logged = [r["loss"] for r in _lines(out / "metrics.jsonl") if "loss" in r]
     assert logged == pytest.approx(full)
 
+    with pytest.raises(TrainingError, match=r"made with max_tokens=256, this run has 512"):
+        train(_cfg(tmp_path / "b", *args, "--resume", "auto", "--max-tokens", "512"))
+    with pytest.raises(TrainingError, match="already holds checkpoints .newest checkpoint-000008.: continue"):
+        train(_cfg(tmp_path / "b", *args))
+
 
 def test_crash_during_save_keeps_the_last_good_directory(tmp_path):
     target = tmp_path / "checkpoint-000001"
