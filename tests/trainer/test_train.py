@@ -14,7 +14,7 @@ from trainer.config import load_config
 from trainer.data import DEMO_TRAIN_FILE, encode_file
 from trainer.model import apply_lora, enable_varlen_attention, lm_head_spec, load_model
 from trainer.packing import make_packed_batches
-from trainer.train import TrainingError, _atomic_dir, forward_backward, train
+from trainer.train import TrainingError, _atomic_dir, forward_backward, step_flops, train
 
 CPU = torch.device("cpu")
 # A short demo run: fp32 on CPU, tiny rows, a few steps.
@@ -145,6 +145,11 @@ def test_gradients_do_not_depend_on_packing_or_accumulation_split():
         for n, p in params.items():
             torch.testing.assert_close(p.grad, reference[n], rtol=1e-4, atol=1e-7, msg=f"{max_tokens} {n}")
     assert len(row_counts) == 3 and 1 in row_counts
+    # MFU's FLOP count: 4 per frozen weight per token (head: per target token), plus some attention
+    head_weights = base.lm_head.weight.numel()
+    body = sum(p.numel() for p in base.parameters()) - 2 * head_weights
+    matmuls = 4 * body * sum(len(e.input_ids) for e in data) + 4 * head_weights * total_tokens
+    assert matmuls < step_flops(model, make_packed_batches(data, longest)) < 1.5 * matmuls
 
 
 # ------------------------------------------------------------------------------------------- resume
