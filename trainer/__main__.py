@@ -8,6 +8,10 @@ from trainer.config import ConfigError, load_config
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    if argv and argv[0] in ("check", "generate"):
+        import importlib
+
+        return importlib.import_module(f"trainer.{argv[0]}").main(argv[1:])
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         print("keys and defaults:")

@@ -1,0 +1,161 @@
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainer.generate as gen
+from kernels import masked_linear_cross_entropy
+from trainer.__main__ import main as trainer_main
+from trainer.config import load_config
+from trainer.data import DEMO_VAL_FILE, encode_file
+from trainer.model import ATTN_NAME, enable_varlen_attention, lm_head_spec, load_model
+from trainer.packing import make_packed_batches
+from trainer.train import evaluate, train
+
+FAST = ["--device", "cpu", "--max-tokens", "256", "--max-length", "256", "--lr", "5e-3"]
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "out"
+    cfg = load_config([*FAST, "--max-steps", "2", "--eval-every", "2", "--save-every", "2",
+                       "--output-dir", str(out)])  # fmt: skip
+    return cfg, train(cfg)
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    model, tokenizer = load_model(load_config(FAST))
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def argmax_loop(model, tokenizer, messages, max_new_tokens, stops=()):
+    """Reference: the full sequence through the model at every step (no cache), argmax of the last logits."""
+    ids = gen.prompt_ids(tokenizer, messages)
+    out = []
+    while len(out) < max_new_tokens:
+        token = int(model(input_ids=torch.tensor([ids + out]), use_cache=False).logits[0, -1].argmax())
+        if token in stops:
+            break
+        out.append(token)
+    return out
+
+
+def test_adapter_reloads_the_trained_model_exactly(demo_run):
+    """The validation loss of base + adapter recreated from best/ equals the one measured in training,
+    so the demo's random base weights are reproduced from the saved config."""
+    cfg, result = demo_run
+    model, tokenizer, saved_cfg = gen.load_adapter(Path(cfg.output_dir) / "best")
+    assert saved_cfg == cfg
+    head = lm_head_spec(model, check=False)
+    val, _ = encode_file(DEMO_VAL_FILE, tokenizer, max_length=cfg.max_length, progress=False)
+    batches = make_packed_batches(val, cfg.max_tokens)
+    enable_varlen_attention(model)
+    loss = evaluate(model, batches, head, masked_linear_cross_entropy, torch.device("cpu"), nullcontext())
+    assert loss == pytest.approx(result["best_val_loss"], rel=1e-5)
+    with model.disable_adapter():  # the adapter matters: without it the loss is another number
+        plain = evaluate(
+            model, batches, head, masked_linear_cross_entropy, torch.device("cpu"), nullcontext()
+        )
+    assert abs(plain - loss) > 1e-3
+
+    # generation switches the varlen model to sdpa for the call and back after it
+    text = gen.generate(model, tokenizer, MESSAGES, max_new_tokens=4)
+    assert isinstance(text, str)
+    assert model.get_base_model().config._attn_implementation == ATTN_NAME
+
+
+def test_greedy_equals_argmax_loop(demo_run):
+    cfg, _ = demo_run
+    model, tokenizer, _ = gen.load_adapter(cfg.output_dir)  # the output dir means its final/
+    stops = gen.stop_token_ids(tokenizer, model.get_base_model())
+    messages = [{"role": "system", "content": "You are helpful."}, *MESSAGES]
+    ids = gen.generate_ids(model, tokenizer, messages, max_new_tokens=12)
+    assert ids == argmax_loop(model, tokenizer, messages, 12, stops)
+    text = gen.generate(model, tokenizer, messages, max_new_tokens=12)
+    assert text == tokenizer.decode(ids, skip_special_tokens=True).strip()
+    # a temperature this low samples the argmax
+    sampled = gen.generate_ids(model, tokenizer, messages, max_new_tokens=12, temperature=1e-4,
+                               generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert sampled == ids
+
+
+def test_glm4_stop_tokens(base_model):
+    _, tokenizer = base_model
+    vocab = tokenizer.get_vocab()
+    stops = gen.stop_token_ids(tokenizer)
+    assert {vocab["<|user|>"], vocab["<|observation|>"], tokenizer.eos_token_id} <= stops
+    assert vocab["<|assistant|>"] not in stops
+
+
+@pytest.mark.parametrize(
+    "token, stops",
+    [("<|user|>", True), ("<|observation|>", True), ("<|endoftext|>", True), ("<|assistant|>", False)],
+)
+def test_stop_token_ends_generation(base_model, token, stops):
+    """Make ``token`` the argmax from the third step on (its lm_head row becomes twice the row of the token
+    greedy decoding picks there); a stop token must end the answer there, another token must not."""
+    model, tokenizer = base_model
+    plain = argmax_loop(model, tokenizer, MESSAGES, 3)
+    head = model.get_output_embeddings().weight
+    tid = tokenizer.get_vocab()[token]
+    saved = head.data[tid].clone()
+    try:
+        head.data[tid] = 2 * head.data[plain[2]]
+        reference = argmax_loop(model, tokenizer, MESSAGES, 10)
+        assert tid in reference  # the edit worked: the token is generated
+        ids = gen.generate_ids(model, tokenizer, MESSAGES, max_new_tokens=10)
+    finally:
+        head.data[tid] = saved
+    first = reference.index(tid)
+    if stops:
+        assert ids == reference[:first] and len(ids) < 10
+    else:
+        assert ids == reference and len(ids) == 10
+
+
+def test_cli(demo_run, tmp_path, capsys):
+    cfg, _ = demo_run
+    final = str(Path(cfg.output_dir) / "final")
+    assert trainer_main(["generate", "--adapter", final, "--prompt", "hi", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    model, tokenizer, _ = gen.load_adapter(final)
+    expected = gen.generate(model, tokenizer, [{"role": "user", "content": "hi"}], max_new_tokens=3)
+    assert out.strip() == expected
+
+    conv = tmp_path / "chat.json"
+    conv.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
+    assert gen.main(["--adapter", final, "--conversation", str(conv), "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip() == expected
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--adapter", "/no/such/dir", "--prompt", "hi"], "no such directory"),
+        (["--adapter", "{final}", "--prompt", "hi", "--conversation", "x.json"], "not allowed with"),
+        (["--adapter", "{final}"], "one of the arguments --prompt --conversation is required"),
+        (["--adapter", "{final}", "--conversation", "/no/such.json"], "no such file"),
+        (["--adapter", "{final}", "--conversation", "{assistant_last}"], "last message is the assistant's"),
+        (["--adapter", "{final}", "--prompt", "hi", "--max-new-tokens", "0"], "at least 1"),
+        (["--adapter", "{ckpt_parent}", "--prompt", "hi"], "no adapter_config.json"),
+    ],
+)
+def test_cli_errors(demo_run, tmp_path, capsys, args, message):
+    cfg, _ = demo_run
+    assistant_last = tmp_path / "a.json"
+    assistant_last.write_text(
+        json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}])
+    )
+    fill = dict(
+        final=str(Path(cfg.output_dir) / "final"),
+        assistant_last=str(assistant_last),
+        ckpt_parent=str(tmp_path),
+    )
+    assert gen.main([a.format(**fill) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err

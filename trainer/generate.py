@@ -1,0 +1,212 @@
+"""``python -m trainer generate``: answer a prompt or a conversation with a trained adapter.
+
+    python -m trainer generate --adapter output/demo/final --prompt "What is the weather in Paris?"
+    python -m trainer generate --adapter output/demo/checkpoint-000100 --conversation chat.json
+
+``--adapter`` is a directory written by training (``final/``, ``best/``, ``checkpoint-N/``, or the output
+directory itself, which means its ``final/``): it holds the adapter and the resolved ``train_config.yaml``,
+from which the base model is recreated (``demo``: the same random weights, seeded by the saved ``seed``).
+Decoding is greedy by default and stops at the chat's end-of-turn tokens (GLM-4: ``<|user|>``,
+``<|observation|>``, eos). ``--conversation`` takes a JSON list of messages or ``{"messages": [...]}``
+(the training data's format); the answer is the next assistant turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from trainer.config import ConfigError, load_config
+from trainer.model import ATTN_NAME, load_model
+
+# End-of-turn tokens of the chat formats this trainer knows: GLM-4 (the next role token), ChatML, Llama 3.
+STOP_TOKENS = ("<|user|>", "<|observation|>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>")
+ROLES = ("system", "user", "assistant", "observation")
+
+
+class GenerateError(ValueError):
+    """Bad adapter directory or conversation; the CLI prints it as one line."""
+
+
+def stop_token_ids(tokenizer, model=None) -> set[int]:
+    """Ids that end an assistant turn: those of STOP_TOKENS the vocabulary has, plus every eos id."""
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[t] for t in STOP_TOKENS if t in vocab}
+    eos = [tokenizer.eos_token_id]
+    if model is not None:
+        eos.append(getattr(model.generation_config, "eos_token_id", None))
+    for e in eos:
+        ids.update(e if isinstance(e, list) else [] if e is None else [e])
+    return ids
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The conversation rendered with the tokenizer's chat template, ending with the assistant's role."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@torch.no_grad()
+def generate_ids(
+    model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> list[int]:  # fmt: skip
+    """New token ids after the prompt, the stop token excluded. Greedy when ``temperature`` is 0, else
+    sampled from softmax(logits / temperature). Uses the KV cache with the model's default attention:
+    a model switched to packed varlen attention is switched to sdpa for the call and back after it."""
+    if max_new_tokens < 1:
+        raise GenerateError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise GenerateError(f"temperature must not be negative, got {temperature}")
+    base = _base(model)
+    attn = base.config._attn_implementation
+    if attn == ATTN_NAME:  # varlen attention needs cu_seqlens and no cache; generation wants neither
+        base.set_attn_implementation("sdpa")
+    was_training = model.training
+    model.eval()
+    try:
+        device = base.get_input_embeddings().weight.device
+        stops = stop_token_ids(tokenizer, base)
+        ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
+        out: list[int] = []
+        cache = None
+        while len(out) < max_new_tokens:
+            result = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            cache = result.past_key_values
+            logits = result.logits[0, -1].float()
+            if temperature == 0:
+                token = int(logits.argmax())
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+            if token in stops:
+                break
+            out.append(token)
+            ids = torch.tensor([[token]], device=device)
+        return out
+    finally:
+        model.train(was_training)
+        if attn == ATTN_NAME:
+            base.set_attn_implementation(ATTN_NAME)
+
+
+def generate(
+    model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> str:  # fmt: skip
+    """The next assistant turn of ``messages`` (``[{"role": ..., "content": ...}, ...]``) as text."""
+    ids = generate_ids(
+        model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature,
+        generator=generator,
+    )  # fmt: skip
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def resolve_adapter_dir(path: str | Path) -> Path:
+    """The directory holding adapter_config.json and train_config.yaml (an output dir means its final/)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise GenerateError(f"--adapter {path}: no such directory; give an output or checkpoint directory")
+    if not (path / "adapter_config.json").is_file() and (path / "final" / "adapter_config.json").is_file():
+        path = path / "final"
+    for name in ("adapter_config.json", "train_config.yaml"):
+        if not (path / name).is_file():
+            raise GenerateError(
+                f"--adapter {path}: no {name}; give a directory written by training "
+                "(final/, best/ or checkpoint-N/ of the output directory)"
+            )
+    return path
+
+
+def load_adapter(path: str | Path, *, device: str | None = None):
+    """(model, tokenizer, cfg): the base model recreated from the saved config, with the adapter loaded."""
+    from peft import PeftModel
+
+    path = resolve_adapter_dir(path)
+    cfg = load_config(
+        ["--config", str(path / "train_config.yaml"), *(["--device", device] if device else [])]
+    )
+    model, tokenizer = load_model(cfg)
+    model = PeftModel.from_pretrained(model, str(path)).eval()
+    return model, tokenizer, cfg
+
+
+def read_conversation(path: str | Path) -> list[dict]:
+    """Messages from a JSON file: a list of messages or {"messages": [...]}; the last must not be the
+    assistant's (the answer is the next assistant turn)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GenerateError(f"--conversation {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GenerateError(f"--conversation {path}: not valid JSON ({e})") from None
+    messages = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(messages, list) or not messages:
+        raise GenerateError(f'--conversation {path}: expected a list of messages or {{"messages": [...]}}')
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise GenerateError(
+                f"--conversation {path}: message {i} needs a role ({', '.join(ROLES)}) and a string content"
+            )
+    if messages[-1]["role"] == "assistant":
+        raise GenerateError(
+            f"--conversation {path}: the last message is the assistant's; end with a user or observation "
+            "message to get the next answer"
+        )
+    return messages
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, raised to main instead of argparse's usage + exit
+        raise GenerateError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m trainer generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--adapter", required=True, help="output or checkpoint directory written by training")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="a single user message")
+    source.add_argument("--conversation", help="JSON file: a list of messages or {'messages': [...]}")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
+    p.add_argument("--device", default=None, help="override the saved config's device (cpu, cuda, ...)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        _parser().print_help()
+        return 0
+    try:
+        args = _parser().parse_args(argv)
+        if args.conversation is not None:
+            messages = read_conversation(args.conversation)
+        else:
+            messages = [{"role": "user", "content": args.prompt}]
+        model, tokenizer, _ = load_adapter(args.adapter, device=args.device)
+        text = generate(
+            model, tokenizer, messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            generator=torch.Generator().manual_seed(args.seed),
+        )  # fmt: skip
+    except (GenerateError, ConfigError, ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
