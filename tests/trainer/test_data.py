@@ -409,3 +409,18 @@ def test_synthetic_lengths_and_labelled_fraction(tok):
     assert lengths[-1] > 3 * lengths[len(lengths) // 2]  # long tail
     frac = sum(sum(t != IGNORE for t in e.labels) for e in enc) / sum(lengths)
     assert 0.15 < frac < 0.45
+
+
+def test_not_utf8_and_bad_settings(tmp_path, tok):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(
+        (GOOD + "\n").encode() + '{"messages": [{"role": "user", "content": "caf\xe9"}]}\n'.encode("latin-1")
+    )
+    with pytest.raises(DataError, match=rf"^{p}:2: not UTF-8"):
+        encode_file(p, tok, cache_dir=False, progress=False)
+    with pytest.raises(ValueError, match="end_token"):
+        encode_conversation(PLAIN, tok, end_token="<|nope|>")
+    with pytest.raises(ValueError, match="loss_on"):
+        encode_conversation(PLAIN, tok, loss_on="first")
+    with pytest.raises(DataError, match="'messages' is empty"):
+        encode_conversation([], tok)
