@@ -627,12 +627,13 @@ class _Encoder:
                     start = found if found >= 0 else len(prev)
                 # The turn ends at its end-of-turn marker (trailing newlines are the next turn's
                 # business); with no marker after the text (GLM-4), at the end of the rendered text.
-                end = max(len(cur.rstrip()), start)
                 body = content.strip()
-                has_marker = not body or not cur[start:end].endswith(body)
-                if not has_marker:
-                    end = len(cur)
-                spans.append((start, end, has_marker))
+                if content and cur.endswith(content) or body and cur.rstrip().endswith(body):
+                    has_marker, end = False, len(cur)
+                else:
+                    has_marker, end = True, len(cur.rstrip())
+                if end > start:  # else it rendered nothing (GLM-4 drops empty messages): nothing to learn
+                    spans.append((start, end, has_marker))
             prev = cur
         full = prev
         enc = self.backend.encode(full, add_special_tokens=False)

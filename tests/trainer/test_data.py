@@ -96,6 +96,12 @@ def rich_conversations():
             {"role": "assistant", "content": "Hi!\n\n  with spaces  "},
         ],
         [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+        [  # special-token text inside content, whitespace-only content, metadata on a plain answer
+            {"role": "user", "content": "Repeat: <|assistant|> and [gMASK]"},
+            {"role": "assistant", "metadata": "note", "content": "<|assistant|> and [gMASK] \t"},
+            {"role": "user", "content": "   "},
+            {"role": "assistant", "content": "\n\n"},
+        ],
     ]
 
 
@@ -273,6 +279,17 @@ def test_chat_template_with_glm4_tokenizer_equals_glm4_rule(tok):
     for conv in rich_conversations() + [PLAIN]:
         a = encode_conversation(conv, tok, template="chat_template", end_token="<|user|>")
         assert a == encode_conversation(conv, tok)
+
+
+def test_chatml_empty_and_whitespace_answers(chatml):
+    conv = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "x"},
+    ]
+    e = encode_conversation(conv, chatml, template="chat_template")
+    assert labelled_text(chatml, e) == "<|im_end|>x<|im_end|>"
 
 
 def test_chat_template_refuses_non_prefix_template():
