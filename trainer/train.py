@@ -12,6 +12,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -205,6 +207,26 @@ def load_checkpoint(path: Path, cfg: TrainConfig, model, optimizer, scheduler) -
     return json.loads((path / "state.json").read_text())
 
 
+class _GracefulInterrupt:
+    """First Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)")
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 # ---------------------------------------------------------------------------------------- reporting
 
 
@@ -335,8 +357,9 @@ def train(cfg: TrainConfig) -> dict:
 
     losses: list[float] = []  # every step of this run, in order
     window = dict(loss=0.0, steps=0, tokens=0, flops=0.0, t0=time.perf_counter())
-    last_saved, last_eval, stop_reason = state["step"], None, "done"
+    last_saved, last_eval, stop_reason, updating = state["step"], None, "done", False
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True)
+    interrupt = _GracefulInterrupt()
     try:
         while state["step"] < total_steps and stop_reason == "done":
             rows = make_packed_batches(train_data, cfg.max_tokens, seed=cfg.seed, epoch=state["epoch"])
@@ -346,6 +369,7 @@ def train(cfg: TrainConfig) -> dict:
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
                 loss_value, norm_value = loss.item(), grad_norm.item()
+                updating = True  # from here to the end of the step, the weights and the state disagree
                 if math.isfinite(loss_value) and math.isfinite(norm_value):
                     optimizer.step()
                     state["bad_in_row"] = 0
@@ -358,6 +382,7 @@ def train(cfg: TrainConfig) -> dict:
                 scheduler.step()
                 state["step"] += 1
                 state["row"] += len(group)
+                updating = False
                 if state["bad_in_row"] >= cfg.max_bad_steps:
                     raise TrainingError(
                         f"{state['bad_in_row']} non-finite steps in a row at step {state['step']}: lower lr, "
@@ -381,15 +406,17 @@ def train(cfg: TrainConfig) -> dict:
                         "lr": scheduler.get_last_lr()[0], "grad_norm": norm_value,
                         "tokens_per_s": window["tokens"] / seconds, "skipped": state["skipped"],
                     }  # fmt: skip
-                    mfu = f", mfu {100 * window['flops'] / seconds / peak:.1f}%" if peak else ""
+                    postfix = dict(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                   tok_s=f"{record['tokens_per_s']:.0f}")  # fmt: skip
                     if peak:
                         record["mfu"] = window["flops"] / seconds / peak
+                        postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
                     log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                    tok_s=f"{record['tokens_per_s']:.0f}")  # fmt: skip
+                    bar.set_postfix(postfix)
                     tqdm.write(
                         f"step {step}/{total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
-                        f"grad norm {norm_value:.3f}, {record['tokens_per_s']:.0f} tokens/s{mfu}"
+                        f"grad norm {norm_value:.3f}, {record['tokens_per_s']:.0f} tokens/s"
+                        + (f", mfu {postfix['mfu']}" if peak else "")
                     )
                     window.update(loss=0.0, steps=0, tokens=0, flops=0.0, t0=time.perf_counter())
                 paused = time.perf_counter()  # evaluation and saving do not count towards tokens/s
@@ -402,16 +429,22 @@ def train(cfg: TrainConfig) -> dict:
                     save_checkpoint(model, tokenizer, optimizer, scheduler, state, cfg, out)
                     last_saved = step
                 window["t0"] += time.perf_counter() - paused
+                if interrupt.requested:
+                    raise KeyboardInterrupt
             if state["row"] >= len(rows):
                 state["epoch"] += 1
                 state["row"] = 0
     except KeyboardInterrupt:
         bar.close()
         optimizer.zero_grad(set_to_none=True)
-        if state["step"] > last_saved:
+        if updating:
+            tqdm.write("interrupted during an update: the last checkpoint is kept; use --resume auto")
+        elif state["step"] > last_saved:
             path = save_checkpoint(model, tokenizer, optimizer, scheduler, state, cfg, out)
             tqdm.write(f"interrupted: saved {path}; continue with --resume auto")
         raise
+    finally:
+        interrupt.restore()
     bar.close()
 
     if val_batches and last_eval != state["step"]:

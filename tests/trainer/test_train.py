@@ -1,5 +1,7 @@
 import json
 import math
+import os
+import signal
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -155,7 +157,8 @@ def test_gradients_do_not_depend_on_packing_or_accumulation_split():
 # ------------------------------------------------------------------------------------------- resume
 
 
-def test_resume_after_interrupt_gives_identical_losses(tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["ctrl-c", "second ctrl-c"])
+def test_resume_after_interrupt_gives_identical_losses(tmp_path, monkeypatch, how):
     args = ["--max-steps", "8", "--save-every", "3", "--eval-every", "0", "--lora-dropout", "0.1",
             "--val-file", ""]  # fmt: skip
     full = train(_cfg(tmp_path / "a", *args))["losses"]
@@ -165,18 +168,22 @@ def test_resume_after_interrupt_gives_identical_losses(tmp_path, monkeypatch):
 
     def interrupt_in_step_5(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
+        if calls["n"] == 5 and how == "ctrl-c":
+            os.kill(os.getpid(), signal.SIGINT)  # the trainer finishes step 5, saves, then stops
+        if calls["n"] == 5 and how == "second ctrl-c":
+            raise KeyboardInterrupt  # stops mid-step: the weights are still those of step 4
         return real(*a, **k)
 
     monkeypatch.setattr(train_module, "micro_batch_loss_sum", interrupt_in_step_5)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tmp_path / "b", *args))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    done = 5 if how == "ctrl-c" else 4
     out = tmp_path / "b" / "out"
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000003", "checkpoint-000004"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000003", f"checkpoint-{done:06d}"]
     monkeypatch.setattr(train_module, "micro_batch_loss_sum", real)
     resumed = train(_cfg(tmp_path / "b", *args, "--resume", "auto"))["losses"]
-    assert resumed == full[4:]  # fp32 on CPU: bit-identical
+    assert resumed == full[done:]  # fp32 on CPU: bit-identical
     logged = [r["loss"] for r in _lines(out / "metrics.jsonl") if "loss" in r]
     assert logged == pytest.approx(full)
 
