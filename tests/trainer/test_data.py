@@ -281,6 +281,22 @@ def test_chat_template_with_glm4_tokenizer_equals_glm4_rule(tok):
         assert a == encode_conversation(conv, tok)
 
 
+QWEN2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_qwen2_default_system_prompt():
+    qwen = _variant(QWEN2, ["<|im_start|>", "<|im_end|>"])
+    conv = PLAIN[1:]  # no system message: the template injects its default one
+    e = encode_conversation(conv, qwen, template="chat_template")
+    assert qwen.decode(e.input_ids).startswith("<|im_start|>system\nYou are a helpful assistant.")
+    assert labelled_text(qwen, e) == "Hi! 你好！<|im_end|>4, of course.<|im_end|>"
+
+
 def test_chatml_empty_and_whitespace_answers(chatml):
     conv = [
         {"role": "user", "content": "a"},
