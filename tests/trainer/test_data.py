@@ -457,3 +457,15 @@ def test_not_utf8_and_bad_settings(tmp_path, tok):
         encode_conversation(PLAIN, tok, loss_on="first")
     with pytest.raises(DataError, match="'messages' is empty"):
         encode_conversation([], tok)
+
+
+def test_demo_assets_rebuild_identically(tmp_path):
+    from trainer.assets import build_tokenizer as bt
+
+    train = demo_conversations(bt.N_TRAIN, seed=1234)
+    val = demo_conversations(bt.N_VAL, seed=5678)
+    assert train == [json.loads(line) for line in DEMO_TRAIN_FILE.read_text().splitlines()]
+    assert val == [json.loads(line) for line in DEMO_VAL_FILE.read_text().splitlines()]
+    bt.build_tokenizer(bt.corpus(train + val), tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / name).read_bytes() == (data.DEMO_TOKENIZER_DIR / name).read_bytes(), name

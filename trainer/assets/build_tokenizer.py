@@ -58,11 +58,49 @@ def write_demo_files() -> tuple[list[dict], list[dict]]:
     return train, val
 
 
-def corpus(conversations: list[dict]) -> list[str]:
-    from trainer.assets.synthetic import generate_conversations
+def _filler_conversations(n: int = 300, mean_tokens: int = 300, seed: int = 99) -> list[dict]:
+    """Synthetic filler text for the BPE corpus, frozen here so the tokenizer stays reproducible
+    when ``synthetic.generate_conversations`` changes (this is its first version)."""
+    import math
 
+    import numpy as np
+
+    from trainer.assets.synthetic import _WORDS_EN, _WORDS_ZH, WEATHER_TOOL
+
+    def text(rng, n_words, zh_share):
+        n_words = max(1, int(n_words))
+        if rng.random() < zh_share:
+            return "".join(_WORDS_ZH[i] for i in rng.integers(0, len(_WORDS_ZH), n_words)) + "。"
+        return " ".join(_WORDS_EN[i] for i in rng.integers(0, len(_WORDS_EN), n_words)) + "."
+
+    rng = np.random.default_rng(seed)
+    sigma, labelled = 0.8, 0.3
+    lengths = np.clip(rng.lognormal(math.log(mean_tokens) - sigma**2 / 2, sigma, n), 24, 32 * mean_tokens)
+    out = []
+    for total in lengths:
+        words = total / 1.25
+        n_turns = int(rng.integers(1, 7))
+        zh = 1.0 if rng.random() < 0.2 else 0.0
+        messages: list[dict] = []
+        if rng.random() < 0.2:
+            messages.append({"role": "system", "content": text(rng, 12, zh), "tools": [WEATHER_TOOL]})
+            messages.append({"role": "user", "content": text(rng, 8, zh)})
+            messages.append({"role": "assistant", "metadata": "get_weather", "content": '{"city": "Paris"}'})
+            messages.append({"role": "observation", "content": '{"temperature": 21, "condition": "sunny"}'})
+            words = max(words - 150, 8)
+        elif rng.random() < 0.5:
+            messages.append({"role": "system", "content": text(rng, 16, zh)})
+        per_turn = words / n_turns
+        for _ in range(n_turns):
+            messages.append({"role": "user", "content": text(rng, per_turn * (1 - labelled), zh)})
+            messages.append({"role": "assistant", "content": text(rng, per_turn * labelled, zh)})
+        out.append({"messages": messages})
+    return out
+
+
+def corpus(conversations: list[dict]) -> list[str]:
     texts = []
-    for conv in conversations + generate_conversations(300, mean_tokens=300, seed=99):
+    for conv in conversations + _filler_conversations():
         for m in conv["messages"]:
             texts.append(f"{m.get('metadata', '')}\n{m['content']}")
             for tool in m.get("tools") or []:
