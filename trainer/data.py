@@ -264,6 +264,8 @@ def load_conversations(path) -> list[dict]:
         raise DataError(f"{path}:{e.line}: {e.problem}") from None
     except _Problem as e:
         raise DataError(f"{path}:{text.count(chr(10)) + 1}: {e}") from None
+    if not records:
+        raise DataError(f"{path}:1: no conversations in the file")
     return records
 
 
@@ -339,7 +341,7 @@ def _normalize(messages, *, glm4: bool) -> tuple[list[dict], list[bool]]:
         if not isinstance(content, str):
             got = "null" if content is None else type(content).__name__
             raise _Problem(f"{where}: content must be a string, got {got}")
-        metadata = m.get("metadata")
+        metadata = m.get("metadata")  # null (datasets fills missing keys so) is absent, not "None"
         if metadata is not None and not isinstance(metadata, str):
             raise _Problem(f"{where}: metadata must be a string, got {type(metadata).__name__}")
         tools = m.get("tools")
@@ -832,6 +834,8 @@ def encode_file(
     except _Problem as e:
         raise DataError(f"{path}:{text.count(chr(10)) + 1}: {e}") from None
     del text
+    if not items:
+        raise DataError(f"{path}:1: no conversations in the file")
     chunks = [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
     if num_workers is None:
         num_workers = min(os.cpu_count() or 1, 8)

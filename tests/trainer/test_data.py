@@ -203,8 +203,8 @@ def test_tools_null_tolerated(tok):
         {"role": "system", "content": "s", "tools": None},
         {"role": "user", "content": "u", "tools": None},
     ]
-    conv += [{"role": "assistant", "content": "a", "tools": None}]
-    plain = [{k: v for k, v in m.items() if k != "tools"} for m in conv]
+    conv += [{"role": "assistant", "content": "a", "tools": None, "metadata": None}]
+    plain = [{k: v for k, v in m.items() if k not in ("tools", "metadata")} for m in conv]
     assert encode_conversation(conv, tok) == encode_conversation(plain, tok)
 
 
@@ -457,6 +457,11 @@ def test_not_utf8_and_bad_settings(tmp_path, tok):
         encode_conversation(PLAIN, tok, loss_on="first")
     with pytest.raises(DataError, match="'messages' is empty"):
         encode_conversation([], tok)
+    empty = _write(tmp_path, ["", "  "], name="empty.jsonl")
+    with pytest.raises(DataError, match=rf"^{empty}:1: no conversations"):
+        encode_file(empty, tok, cache_dir=False, progress=False)
+    with pytest.raises(DataError, match="no conversations"):
+        load_conversations(empty)
 
 
 def test_demo_assets_rebuild_identically(tmp_path):
