@@ -64,7 +64,7 @@ class TrainConfig:
     patience: int = 0  # stop after this many evaluations without improvement; 0: never stop early
     save_every: int = 500  # checkpoint every this many steps (and at the end); 0: only at the end
     save_merged: bool = False  # at the end, also save the adapter merged into the base weights (merged/)
-    output_dir: str = "output"  # where checkpoints, best/, final/, metrics.jsonl and loss.png go
+    output_dir: str = "outputs"  # where checkpoints, best/, final/, metrics.jsonl and loss.png go
     resume: str = ""  # "auto": the newest checkpoint in output_dir, or a checkpoint directory; empty: fresh
     seed: int = 42  # seeds weights of the demo model, LoRA init, dropout and data order
 
@@ -83,7 +83,7 @@ DEMO = dict(
     log_every=10,
     eval_every=50,
     save_every=100,
-    output_dir="output/demo",
+    output_dir="outputs/demo",
 )
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
