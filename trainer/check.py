@@ -156,6 +156,7 @@ def run_check(cfg: TrainConfig, *, num_batches: int = 2, tolerance: float | None
         padded_slots=sum(b.input_ids.numel() for b in padded),
         loss_tokens=loss_tokens,
         hf_loss_tokens=sum(b.num_loss_tokens for b in padded),
+        hf_attention=default_attn,
         tolerance=tolerance,
         passed=passed,
     )
@@ -169,7 +170,8 @@ def format_report(r: dict) -> str:
         "| path | loss (mean per target token) | target tokens |",
         "|---|---|---|",
         f"| ours: packed, varlen attention, fused masked loss | {r['loss_ours']:.6f} | {r['loss_tokens']} |",
-        f"| Hugging Face: padded, sdpa/eager, labels= loss | {r['loss_hf']:.6f} | {r['hf_loss_tokens']} |",
+        f"| Hugging Face: padded, {r['hf_attention']} attention, labels= loss | {r['loss_hf']:.6f} "
+        f"| {r['hf_loss_tokens']} |",
         "",
         f"loss relative difference     {r['loss_rel_diff']:.3e}",
         f"max LoRA gradient rel. diff  {r['grad_rel_diff']:.3e}  ({r['worst_param'] or '-'})",
