@@ -1,8 +1,10 @@
 """The training loop: packed micro-batches, fused masked loss, AdamW, eval, checkpoints, resume.
 
-One optimizer step = ``grad_accum`` packed rows. Its loss is the sum of the per-token losses of every
-target token of those rows divided by their total number (DESIGN.md, loss normalization), so the
-gradients do not depend on how conversations were packed or split across micro-batches.
+One optimizer step = ``grad_accum`` packed rows per process. Its loss is the sum of the per-token losses
+of every target token of those rows on every process divided by their total number (DESIGN.md, loss
+normalization), so the gradients do not depend on how conversations were packed or split across
+micro-batches and processes. Under torchrun every process trains on its share of each step's rows
+(trainer/distributed.py); rank 0 alone prints, logs and saves.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 from kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
 from trainer.config import TrainConfig, config_to_dict, save_config
+from trainer.distributed import ONE_PROCESS, World, close_world, init_world
 from trainer.model import (
     apply_lora,
     decoder_hidden_states,
@@ -49,9 +52,12 @@ def micro_batch_loss_sum(model, batch: PackedBatch, head, loss_fn) -> torch.Tens
     return loss_fn(hidden, weight, batch.loss_targets, bias=bias, reduction="sum", softcap=softcap)
 
 
-def forward_backward(model, micro_batches: list[PackedBatch], head, loss_fn, device, autocast):
-    """Accumulate the gradients of one optimizer step; return its loss (a 0-dim tensor, no sync)."""
-    num_loss_tokens = max(1, sum(b.num_loss_tokens for b in micro_batches))
+def forward_backward(
+    model, micro_batches: list[PackedBatch], head, loss_fn, device, autocast, *, num_loss_tokens: int = 0
+):
+    """Accumulate the gradients of one optimizer step; return its loss (a 0-dim tensor, no sync).
+    ``num_loss_tokens``: target tokens of the whole step (all ranks); 0: those of ``micro_batches``."""
+    num_loss_tokens = max(1, num_loss_tokens or sum(b.num_loss_tokens for b in micro_batches))
     total = torch.zeros((), device=device)
     for batch in micro_batches:
         with autocast:
@@ -62,16 +68,16 @@ def forward_backward(model, micro_batches: list[PackedBatch], head, loss_fn, dev
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[PackedBatch], head, loss_fn, device, autocast) -> float:
-    """Mean per-token loss over all target tokens of ``batches``."""
+def evaluate(model, batches: list[PackedBatch], head, loss_fn, device, autocast, world=ONE_PROCESS) -> float:
+    """Mean per-token loss over all target tokens of ``batches``; each rank computes every
+    ``world.size``-th row and the sums are added up, so every rank returns the same number."""
     model.eval()
-    total, count = torch.zeros((), device=device, dtype=torch.float64), 0
-    for batch in batches:
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    for batch in batches[world.rank :: world.size]:
         with autocast:
             total += micro_batch_loss_sum(model, batch.to(device), head, loss_fn).double()
-        count += batch.num_loss_tokens
     model.train()
-    return total.item() / max(1, count)
+    return world.sum(total).item() / max(1, sum(b.num_loss_tokens for b in batches))
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -185,7 +191,8 @@ RESUME_MUST_MATCH = ("model", "train_file", "template", "loss_on", "max_length",
                      "lora_target_modules")  # fmt: skip
 
 
-def load_checkpoint(path: Path, cfg: TrainConfig, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, cfg: TrainConfig, model, optimizer, scheduler, world_size: int = 1) -> dict:
+    """Every rank loads the same checkpoint, so every rank resumes in the same state."""
     saved_cfg = yaml.safe_load((path / "train_config.yaml").read_text())
     for key in RESUME_MUST_MATCH:
         if saved_cfg.get(key) != getattr(cfg, key):
@@ -204,7 +211,14 @@ def load_checkpoint(path: Path, cfg: TrainConfig, model, optimizer, scheduler) -
     random.setstate(saved["rng"]["python"])
     if "cuda" in saved["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    return json.loads((path / "state.json").read_text())
+    state = json.loads((path / "state.json").read_text())
+    saved_world = state.setdefault("world_size", 1)  # checkpoints from before multi-process runs: one
+    if saved_world != world_size:  # a step is grad_accum rows per process: other steps, other schedule
+        raise TrainingError(
+            f"resume: {path} was made with {saved_world} processes, this run has {world_size}; "
+            "use the same number of processes or start a fresh output_dir"
+        )
+    return state
 
 
 class _GracefulInterrupt:
@@ -264,13 +278,37 @@ def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train a LoRA adapter as ``cfg`` says; return the final metrics."""
+    """Train a LoRA adapter as ``cfg`` says; return the final metrics (the same on every rank). Under
+    torchrun, join the process group first and leave it at the end, also on errors."""
+    try:
+        world = init_world(cfg.device)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    try:
+        return _train(cfg, world)
+    finally:
+        close_world(world)
+
+
+def _train(cfg: TrainConfig, world: World) -> dict:
     from trainer.data import DEMO_TRAIN_FILE, DEMO_VAL_FILE, encode_file
 
+    def say(line: str) -> None:
+        if world.is_main:
+            tqdm.write(line)
+
+    def on_main(save, *args):
+        """Rank 0 saves; the others wait, so that every rank leaves with the files in place."""
+        result = save(*args) if world.is_main else None
+        world.barrier()
+        return result
+
+    # same seed on every rank: the demo's weights and the LoRA init must be identical everywhere
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
 
     # model: load, check the head, packed attention, LoRA
     try:
@@ -294,7 +332,7 @@ def train(cfg: TrainConfig) -> dict:
             demo if name == "demo" else name, tokenizer, template=cfg.template, loss_on=cfg.loss_on,
             max_length=cfg.max_length, overlong=cfg.overlong,
         )  # fmt: skip
-        tqdm.write(summary.format())
+        say(summary.format())
         return data
 
     train_data = encode(cfg.train_file, DEMO_TRAIN_FILE)
@@ -303,7 +341,12 @@ def train(cfg: TrainConfig) -> dict:
     val_data = encode(cfg.val_file, DEMO_VAL_FILE) if cfg.val_file else []
     val_batches = make_packed_batches(val_data, cfg.max_tokens) if val_data else []
     rows_per_epoch = len(make_packed_batches(train_data, cfg.max_tokens, seed=cfg.seed))
-    steps_per_epoch = math.ceil(rows_per_epoch / cfg.grad_accum)
+    # Every rank packs the same rows (deterministic for seed and epoch). A step takes the next
+    # rows_per_step of them and rank r trains on rows r, r + size, ...: one step covers the same rows
+    # however many ranks share it. The last step of an epoch may be short; a rank left without a row
+    # contributes zero loss and zero gradients but still joins the all-reduce. No row is dropped.
+    rows_per_step = cfg.grad_accum * world.size
+    steps_per_epoch = math.ceil(rows_per_epoch / rows_per_step)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -313,59 +356,69 @@ def train(cfg: TrainConfig) -> dict:
 
     # state that a checkpoint carries: step = optimizer steps done, (epoch, row) = next packed row
     state = dict(step=0, epoch=0, row=0, first_loss=None, best_val=None, evals_since_best=0, skipped=0,
-                 bad_in_row=0)  # fmt: skip
+                 bad_in_row=0, world_size=world.size)  # fmt: skip
     resume_from = find_checkpoint(cfg)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, cfg, model, optimizer, scheduler)
-        tqdm.write(f"resumed from {resume_from} at step {state['step']}")
+        state = load_checkpoint(resume_from, cfg, model, optimizer, scheduler, world.size)
+        say(f"resumed from {resume_from} at step {state['step']}")
     elif cfg.resume == "auto":
-        tqdm.write(f"resume auto: no checkpoint in {out}, starting fresh")
+        say(f"resume auto: no checkpoint in {out}, starting fresh")
     elif stale := sorted(out.glob("checkpoint-*")):
         raise TrainingError(
             f"output_dir {out} already holds checkpoints (newest {stale[-1].name}): continue that run with "
             "--resume auto, or choose another --output-dir"
         )
     records = _read_metrics(out / "metrics.jsonl", state["step"])
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    save_config(cfg, out / "train_config.yaml")
+    world.barrier()  # every rank has read the previous run's metrics before rank 0 rewrites them
+    if world.is_main:
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        save_config(cfg, out / "train_config.yaml")
 
     trainable = sum(p.numel() for p in params)
-    tqdm.write(
+    say(
         f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"{trainable / 1e6:.2f}M trainable (LoRA r={cfg.lora_r}), {dtype} on {device}; "
         f"{rows_per_epoch} packed rows per epoch, {total_steps} steps of {cfg.grad_accum} rows"
+        + (f" on each of {world.size} processes" if world.size > 1 else "")
     )
     peak = peak_flops(device)
 
     def log(record: dict) -> None:
         records.append(record)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if world.is_main:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def run_eval() -> bool:
         """Validation loss, best/ adapter, early stopping; True when patience is exhausted."""
-        val = evaluate(model, val_batches, head, loss_fn, device, autocast)
+        val = evaluate(model, val_batches, head, loss_fn, device, autocast, world)
         log({"step": state["step"], "val_loss": val})
         improved = state["best_val"] is None or val < state["best_val"]
         if improved:
             state["best_val"], state["evals_since_best"] = val, 0
-            save_adapter(model, tokenizer, cfg, out / "best")
+            on_main(save_adapter, model, tokenizer, cfg, out / "best")
         else:
             state["evals_since_best"] += 1
-        tqdm.write(f"step {state['step']}: val loss {val:.4f}{' (best)' if improved else ''}")
+        say(f"step {state['step']}: val loss {val:.4f}{' (best)' if improved else ''}")
         return cfg.patience > 0 and state["evals_since_best"] >= cfg.patience
 
     losses: list[float] = []  # every step of this run, in order
     window = dict(loss=0.0, steps=0, tokens=0, flops=0.0, t0=time.perf_counter())
     last_saved, last_eval, stop_reason, updating = state["step"], None, "done", False
-    bar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True,
+               disable=not world.is_main)  # fmt: skip
     interrupt = _GracefulInterrupt()
     try:
         while state["step"] < total_steps and stop_reason == "done":
             rows = make_packed_batches(train_data, cfg.max_tokens, seed=cfg.seed, epoch=state["epoch"])
             while state["row"] < len(rows) and state["step"] < total_steps:
-                group = rows[state["row"] : state["row"] + cfg.grad_accum]
-                loss = forward_backward(model, group, head, loss_fn, device, autocast)
+                group = rows[state["row"] : state["row"] + rows_per_step]
+                num_loss_tokens = sum(b.num_loss_tokens for b in group)  # of every rank, known on the host
+                loss = forward_backward(model, group[world.rank :: world.size], head, loss_fn, device,
+                                        autocast, num_loss_tokens=num_loss_tokens)  # fmt: skip
+                # after this, every rank holds the same gradients, loss and stop request, so the
+                # decisions below (skip a non-finite step, stop) are the same on every rank
+                loss, stop_requested = world.all_reduce_step(params, loss, interrupt.requested)
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
                 loss_value, norm_value = loss.item(), grad_norm.item()
@@ -376,8 +429,8 @@ def train(cfg: TrainConfig) -> dict:
                 else:
                     state["skipped"] += 1
                     state["bad_in_row"] += 1
-                    tqdm.write(f"step {state['step'] + 1}: non-finite loss {loss_value} or grad norm "
-                               f"{norm_value}, step skipped ({state['bad_in_row']} in a row)")  # fmt: skip
+                    say(f"step {state['step'] + 1}: non-finite loss {loss_value} or grad norm "
+                        f"{norm_value}, step skipped ({state['bad_in_row']} in a row)")  # fmt: skip
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 state["step"] += 1
@@ -409,11 +462,11 @@ def train(cfg: TrainConfig) -> dict:
                     postfix = dict(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                    tok_s=f"{record['tokens_per_s']:.0f}")  # fmt: skip
                     if peak:
-                        record["mfu"] = window["flops"] / seconds / peak
+                        record["mfu"] = window["flops"] / seconds / (peak * world.size)
                         postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
                     log(record)
                     bar.set_postfix(postfix)
-                    tqdm.write(
+                    say(
                         f"step {step}/{total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
                         f"grad norm {norm_value:.3f}, {record['tokens_per_s']:.0f} tokens/s"
                         + (f", mfu {postfix['mfu']}" if peak else "")
@@ -426,10 +479,11 @@ def train(cfg: TrainConfig) -> dict:
                         stop_reason = f"early stop: no improvement in {cfg.patience} evaluations"
                         break
                 if cfg.save_every and step % cfg.save_every == 0:
-                    save_checkpoint(model, tokenizer, optimizer, scheduler, state, cfg, out)
+                    on_main(save_checkpoint, model, tokenizer, optimizer, scheduler, state, cfg, out)
                     last_saved = step
                 window["t0"] += time.perf_counter() - paused
-                if interrupt.requested:
+                # Ctrl-C on any rank before this step's all-reduce: every rank stops here
+                if stop_requested or (world.size == 1 and interrupt.requested):
                     raise KeyboardInterrupt
             if state["row"] >= len(rows):
                 state["epoch"] += 1
@@ -438,10 +492,10 @@ def train(cfg: TrainConfig) -> dict:
         bar.close()
         optimizer.zero_grad(set_to_none=True)
         if updating:
-            tqdm.write("interrupted during an update: the last checkpoint is kept; use --resume auto")
+            say("interrupted during an update: the last checkpoint is kept; use --resume auto")
         elif state["step"] > last_saved:
-            path = save_checkpoint(model, tokenizer, optimizer, scheduler, state, cfg, out)
-            tqdm.write(f"interrupted: saved {path}; continue with --resume auto")
+            path = on_main(save_checkpoint, model, tokenizer, optimizer, scheduler, state, cfg, out)
+            say(f"interrupted: saved {path}; continue with --resume auto")
         raise
     finally:
         interrupt.restore()
@@ -450,12 +504,14 @@ def train(cfg: TrainConfig) -> dict:
     if val_batches and last_eval != state["step"]:
         run_eval()
     if state["step"] > last_saved:
-        save_checkpoint(model, tokenizer, optimizer, scheduler, state, cfg, out)
-    save_adapter(model, tokenizer, cfg, out / "final")
-    if cfg.save_merged:
+        on_main(save_checkpoint, model, tokenizer, optimizer, scheduler, state, cfg, out)
+    on_main(save_adapter, model, tokenizer, cfg, out / "final")
+    if cfg.save_merged and world.is_main:
         merged = model.merge_and_unload()
         _atomic_dir(out / "merged", lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
-    plot_losses(records, out / "loss.png")
+    if world.is_main:
+        plot_losses(records, out / "loss.png")
+    world.barrier()
 
     logged = [r["loss"] for r in records if "loss" in r]
     result = {
@@ -468,7 +524,7 @@ def train(cfg: TrainConfig) -> dict:
         "losses": losses,
         "output_dir": str(out),
     }
-    tqdm.write(
+    say(
         f"{stop_reason} after {state['step']} steps: train loss {result['first_loss']:.4f} (first step) -> "
         f"{result['last_loss']:.4f} (last {cfg.log_every} steps)"
         + (f", best val loss {state['best_val']:.4f}" if state["best_val"] is not None else "")
