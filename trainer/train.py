@@ -67,6 +67,20 @@ def forward_backward(
     return total / num_loss_tokens
 
 
+def data_parallel_step(
+    model, group: list[PackedBatch], head, loss_fn, device, autocast, world=ONE_PROCESS, interrupt=False
+):
+    """One optimizer step's gradients over the rows of ``group`` (the step's rows of every rank): this rank
+    trains on rows rank, rank + size, ... with the loss divided by the target tokens of the whole group,
+    then the gradients are summed over the ranks. Returns (the step's loss, whether any rank asked to
+    stop); every rank ends with the same gradients, loss and answer."""
+    num_loss_tokens = sum(b.num_loss_tokens for b in group)  # of every rank, known on the host: no sync
+    mine = group[world.rank :: world.size]
+    loss = forward_backward(model, mine, head, loss_fn, device, autocast, num_loss_tokens=num_loss_tokens)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return world.all_reduce_step(params, loss, interrupt)
+
+
 @torch.no_grad()
 def evaluate(model, batches: list[PackedBatch], head, loss_fn, device, autocast, world=ONE_PROCESS) -> float:
     """Mean per-token loss over all target tokens of ``batches``; each rank computes every
@@ -413,12 +427,10 @@ def _train(cfg: TrainConfig, world: World) -> dict:
             rows = make_packed_batches(train_data, cfg.max_tokens, seed=cfg.seed, epoch=state["epoch"])
             while state["row"] < len(rows) and state["step"] < total_steps:
                 group = rows[state["row"] : state["row"] + rows_per_step]
-                num_loss_tokens = sum(b.num_loss_tokens for b in group)  # of every rank, known on the host
-                loss = forward_backward(model, group[world.rank :: world.size], head, loss_fn, device,
-                                        autocast, num_loss_tokens=num_loss_tokens)  # fmt: skip
-                # after this, every rank holds the same gradients, loss and stop request, so the
-                # decisions below (skip a non-finite step, stop) are the same on every rank
-                loss, stop_requested = world.all_reduce_step(params, loss, interrupt.requested)
+                # every rank now holds the same gradients, loss and stop request, so the decisions
+                # below (skip a non-finite step, stop) are the same on every rank
+                loss, stop_requested = data_parallel_step(model, group, head, loss_fn, device, autocast,
+                                                          world, interrupt.requested)  # fmt: skip
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
                 loss_value, norm_value = loss.item(), grad_norm.item()

@@ -7,17 +7,23 @@ import shutil
 import socket
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from kernels import masked_linear_cross_entropy
 from trainer.config import load_config
-from trainer.data import DEMO_TRAIN_FILE, DEMO_VAL_FILE
-from trainer.train import TrainingError, train
+from trainer.data import DEMO_TRAIN_FILE, DEMO_VAL_FILE, encode_file
+from trainer.distributed import close_world, init_world
+from trainer.model import apply_lora, enable_varlen_attention, lm_head_spec, load_model
+from trainer.packing import make_packed_batches
+from trainer.train import TrainingError, data_parallel_step, forward_backward, train
 
 ROOT = Path(__file__).resolve().parents[2]
+CPU = torch.device("cpu")
 
 
 def _free_port() -> int:
@@ -94,6 +100,7 @@ def test_only_rank_0_writes(runs):
     assert sum(line.startswith("model ") for line in lines) == 1, ddp.stdout
 
 
+@pytest.mark.slow  # one more torchrun launch (~20 s on 2 CPU cores)
 def test_resume_with_two_processes(runs):
     tmp, data, _, _ = runs
     out = tmp / "resumed"
@@ -106,3 +113,68 @@ def test_resume_with_two_processes(runs):
     _close([r["loss"] for r in resumed if "loss" in r], [r["loss"] for r in full if "loss" in r])
     with pytest.raises(TrainingError, match="made with 2 processes, this run has 1"):
         train(load_config([*_args(data, out, grad_accum=1), "--resume", "auto"]))
+
+
+# ------------------------------------------------------------------------------------ one step's gradients
+
+
+def _model_and_rows():
+    """The demo with LoRA (B nonzero, so every LoRA weight gets a gradient) and 5 packed rows."""
+    cfg = load_config(["--device", "cpu", "--lora-dropout", "0"])
+    model, tokenizer = load_model(cfg)
+    head = lm_head_spec(model)
+    enable_varlen_attention(model, "reference")
+    torch.manual_seed(0)  # LoRA A's init: the same in every process, as train() seeds it
+    model = apply_lora(model, cfg)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    data, _ = encode_file(DEMO_TRAIN_FILE, tokenizer, max_length=256, progress=False)
+    return model, head, make_packed_batches(data[:7], 256)
+
+
+def _grads(model) -> dict:
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _step_worker(rank: int, port: int, out: Path) -> None:
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    world = init_world("cpu")
+    try:
+        model, head, rows = _model_and_rows()
+        results = {}
+        for case, group in (("5 rows", rows), ("1 row", rows[:1])):  # 1 row: rank 1 has none
+            loss, stop = data_parallel_step(model, group, head, masked_linear_cross_entropy, CPU,
+                                            nullcontext(), world, interrupt=rank == 1)  # fmt: skip
+            results[case] = (loss.clone(), stop, _grads(model))
+        torch.save(results, out / f"rank{rank}.pt")
+    finally:
+        close_world(world)
+
+
+def test_step_gradients_of_two_processes_equal_one(tmp_path):
+    torch.multiprocessing.spawn(_step_worker, args=(_free_port(), tmp_path), nprocs=2, join=True)
+    model, head, rows = _model_and_rows()
+    assert len(rows) == 5
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for case, group in (("5 rows", rows), ("1 row", rows[:1])):
+        loss = forward_backward(model, group, head, masked_linear_cross_entropy, CPU, nullcontext())
+        reference = _grads(model)
+        for rank, results in enumerate(ranks):
+            got_loss, stop, grads = results[case]
+            assert stop  # rank 1 asked: every rank stops
+            torch.testing.assert_close(got_loss, loss, rtol=1e-5, atol=0, msg=f"{case} rank {rank}")
+            assert grads.keys() == reference.keys()
+            for name, grad in reference.items():
+                assert grad.abs().max() > 0, name
+                # fp32 sums in another order: entries near zero get an error relative to the largest
+                atol = 1e-6 * grad.abs().max().item()
+                torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=atol, msg=f"{case} {name}")
+        for name in reference:  # the all-reduce leaves the same numbers on every rank
+            assert torch.equal(ranks[0][case][2][name], ranks[1][case][2][name])
