@@ -139,9 +139,13 @@ class _PeakLive(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # Views and in-place results of the arguments (e.g. w.t() of the input weight) allocate nothing.
+        flat = list(args) + list((kwargs or {}).values())
+        arg_storages = {a.untyped_storage().data_ptr() for a in flat if isinstance(a, torch.Tensor)}
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                self._track(t)
+                if t.untyped_storage().data_ptr() not in arg_storages:
+                    self._track(t)
         return out
 
 
