@@ -11,7 +11,6 @@ per layer. The name is not registered as a mask function, so transformers builds
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import torch
@@ -188,10 +187,7 @@ def apply_lora(model: torch.nn.Module, cfg) -> torch.nn.Module:
         task_type="CAUSAL_LM",
     )
     try:
-        with warnings.catch_warnings():
-            # PEFT itself calls transformers' deprecated is_gradient_checkpointing: not the user's concern.
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model = get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as e:  # PEFT: "Target modules {...} not found in the base model"
         raise ValueError(f"lora_target_modules {targets}: {' '.join(str(e).split())}") from None
     if type(model.get_base_model().get_output_embeddings()) is not torch.nn.Linear:
