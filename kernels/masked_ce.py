@@ -300,13 +300,14 @@ class _MaskedLinearCE(torch.autograd.Function):
 
         valid = y_all != ignore_index
         # One host sync: the valid count and the label range together.
-        y_lo = torch.where(valid, y_all, 0).min() if N else y_all.new_zeros(())
-        y_hi = torch.where(valid, y_all, 0).max() if N else y_all.new_zeros(())
+        y_lo, y_hi = torch.where(valid, y_all, 0).aminmax() if N else (y_all.new_zeros(()),) * 2
         n_valid, lo, hi = torch.stack([valid.sum(), y_lo, y_hi]).tolist()
         if n_valid and (lo < 0 or hi >= V):
             bad = lo if lo < 0 else hi
             raise ValueError(f"labels must be in [0, {V}) or equal ignore_index={ignore_index}; found {bad}")
-        idx = torch.nonzero_static(valid, size=n_valid).squeeze(1) if n_valid else None
+        # Rows already compacted by the caller (the trainer gathers them with the collator's index)
+        # are used as they are: idx None means every row is valid.
+        idx = torch.nonzero_static(valid, size=n_valid).squeeze(1) if 0 < n_valid < N else None
 
         need_dh = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1]
@@ -317,14 +318,14 @@ class _MaskedLinearCE(torch.autograd.Function):
         loss_rows = torch.zeros(N, dtype=torch.float32, device=hidden.device)
         dh = dW = db = None
         if n_valid:
-            h = h_all.index_select(0, idx)
-            y = y_all.index_select(0, idx)
+            h = h_all if idx is None else h_all.index_select(0, idx)
+            y = y_all if idx is None else y_all.index_select(0, idx)
             lv, dh, dW, db = _chunked_loss_and_grads(
                 h, weight, bias, y, softcap=softcap, label_smoothing=label_smoothing, row_scale=None,
                 need_dh=need_dh, need_dw=need_dw and not defer_w, need_db=need_db and not defer_w,
                 use_triton=use_triton, scratch_bytes=scratch_bytes,
             )  # fmt: skip
-            loss_rows.index_copy_(0, idx, lv)
+            loss_rows = lv if idx is None else loss_rows.index_copy_(0, idx, lv)
             if defer_w:
                 ctx.save_for_backward(idx, h, y, weight, bias)
             else:
@@ -364,7 +365,8 @@ class _MaskedLinearCE(torch.autograd.Function):
 
         idx = saved[0]
         if reduction == "none":
-            g_rows = grad_out.reshape(-1).index_select(0, idx).float()
+            g_rows = grad_out.reshape(-1).float()
+            g_rows = g_rows if idx is None else g_rows.index_select(0, idx)
             scale = None
         else:
             scale = grad_out.float() / (n_valid if reduction == "mean" else 1)
@@ -372,12 +374,15 @@ class _MaskedLinearCE(torch.autograd.Function):
         if need_dh:
             dh = ctx.dh
             if scale is not None:
-                dh = dh * scale.to(dh.dtype) if dh.dtype != torch.float32 else dh * scale
+                dh = dh * scale.to(dh.dtype)
             else:
                 dh = (dh.float() * g_rows[:, None]).to(dh.dtype)
-            grad_h = torch.zeros(N, h_shape[-1], dtype=h_dtype, device=device)
-            grad_h.index_copy_(0, idx, dh.to(h_dtype))
-            grad_h = grad_h.reshape(h_shape)
+            if idx is None:
+                grad_h = dh.to(h_dtype).reshape(h_shape)
+            else:
+                grad_h = torch.zeros(N, h_shape[-1], dtype=h_dtype, device=device)
+                grad_h.index_copy_(0, idx, dh.to(h_dtype))
+                grad_h = grad_h.reshape(h_shape)
 
         if defer_w:
             _, h, y, weight, bias = saved
