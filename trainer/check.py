@@ -23,7 +23,7 @@ import torch
 from kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
 from trainer.config import ConfigError, TrainConfig, load_config
 from trainer.model import apply_lora, enable_varlen_attention, lm_head_spec, load_model, resolve_dtype
-from trainer.packing import make_packed_batches, pad_collate
+from trainer.packing import collate_packed, epoch_rows, pack, pad_collate
 from trainer.train import forward_backward
 
 # Relative differences a correct path stays under, by compute dtype: fp32 differs only by summation
@@ -47,23 +47,6 @@ def _randomize_lora_b(model, seed: int) -> None:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(0.02 * torch.randn(p.shape, generator=generator).to(p))
-
-
-def _conversations_of(data, batch) -> list[int]:
-    """Indices into ``data`` of the conversations packed in ``batch``, found by their tokens, so that the
-    padded batch is built from the encoded data and not from the packed row under test."""
-    lengths = [len(item.input_ids) for item in data] if not hasattr(data, "lengths") else data.lengths
-    by_length: dict[int, list[int]] = {}
-    for i, n in enumerate(lengths):
-        by_length.setdefault(int(n), []).append(i)
-    ids, cu = batch.input_ids[0].tolist(), batch.cu_seqlens.tolist()
-    found = []
-    for start, end in zip(cu[:-1], cu[1:], strict=True):
-        match = [i for i in by_length.get(end - start, []) if data[i].input_ids == ids[start:end]]
-        if not match:
-            raise CheckError(f"packed row segment [{start}, {end}) matches no encoded conversation")
-        found.append(next((i for i in match if i not in found), match[0]))
-    return found
 
 
 def _hf_forward_backward(model, padded_batches, device, autocast) -> torch.Tensor:
@@ -114,8 +97,8 @@ def run_check(cfg: TrainConfig, *, num_batches: int = 2, tolerance: float | None
     )  # fmt: skip
     if len(data) == 0:
         raise CheckError(f"{path}: no conversation left to check (all dropped or without targets)")
-    packed = make_packed_batches(data, cfg.max_tokens, seed=cfg.seed)[:num_batches]  # training's first rows
-    rows = [_conversations_of(data, b) for b in packed]
+    rows = epoch_rows(pack(data, cfg.max_tokens), seed=cfg.seed)[:num_batches]  # training's first rows
+    packed = [collate_packed(data, row) for row in rows]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     padded = [pad_collate([data[i] for i in row], pad_id) for row in rows]
     loss_tokens = sum(b.num_loss_tokens for b in packed)

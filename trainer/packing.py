@@ -136,14 +136,21 @@ def collate_packed(encoded: Sequence, row: Sequence[int]) -> PackedBatch:
     )
 
 
+def epoch_rows(bins: Sequence[Sequence[int]], *, seed: int = 0, epoch: int = 0) -> list[list[int]]:
+    """The packed rows in the order epoch ``epoch`` visits them: a deterministic shuffle per (seed, epoch).
+    The bins themselves do not change between epochs, so callers pack once and collate row by row."""
+    rows = [list(row) for row in bins]
+    random.Random(f"tritrain-pack:{seed}:{epoch}").shuffle(rows)
+    return rows
+
+
 def make_packed_batches(
     encoded: Sequence, max_tokens: int, *, seed: int = 0, epoch: int = 0
 ) -> list[PackedBatch]:
     """Pack ``encoded`` (best-fit-decreasing) and collate every row; rows are shuffled deterministically
     per ``(seed, epoch)``, so each epoch sees the same rows in a different order."""
-    bins = pack(encoded, max_tokens)
-    random.Random(f"tritrain-pack:{seed}:{epoch}").shuffle(bins)
-    return [collate_packed(encoded, row) for row in bins]
+    rows = epoch_rows(pack(encoded, max_tokens), seed=seed, epoch=epoch)
+    return [collate_packed(encoded, row) for row in rows]
 
 
 # ------------------------------------------------------------------------------------------ padded batch

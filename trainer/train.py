@@ -35,7 +35,7 @@ from trainer.model import (
     load_model,
     resolve_dtype,
 )
-from trainer.packing import PackedBatch, make_packed_batches
+from trainer.packing import PackedBatch, collate_packed, epoch_rows, make_packed_batches, pack
 
 
 class TrainingError(RuntimeError):
@@ -354,7 +354,8 @@ def _train(cfg: TrainConfig, world: World) -> dict:
         raise TrainingError(f"train_file {cfg.train_file}: no conversation left to train on (see above)")
     val_data = encode(cfg.val_file, DEMO_VAL_FILE) if cfg.val_file else []
     val_batches = make_packed_batches(val_data, cfg.max_tokens) if val_data else []
-    rows_per_epoch = len(make_packed_batches(train_data, cfg.max_tokens, seed=cfg.seed))
+    bins = pack(train_data, cfg.max_tokens)  # the same rows every epoch; only their order changes
+    rows_per_epoch = len(bins)
     # Every rank packs the same rows (deterministic for seed and epoch). A step takes the next
     # rows_per_step of them and rank r trains on rows r, r + size, ...: one step covers the same rows
     # however many ranks share it. The last step of an epoch may be short; a rank left without a row
@@ -424,9 +425,11 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     interrupt = _GracefulInterrupt()
     try:
         while state["step"] < total_steps and stop_reason == "done":
-            rows = make_packed_batches(train_data, cfg.max_tokens, seed=cfg.seed, epoch=state["epoch"])
+            rows = epoch_rows(bins, seed=cfg.seed, epoch=state["epoch"])
             while state["row"] < len(rows) and state["step"] < total_steps:
-                group = rows[state["row"] : state["row"] + rows_per_step]
+                # collated step by step: the epoch's rows are never all held as tensors at once
+                step_rows = rows[state["row"] : state["row"] + rows_per_step]
+                group = [collate_packed(train_data, r) for r in step_rows]
                 # every rank now holds the same gradients, loss and stop request, so the decisions
                 # below (skip a non-finite step, stop) are the same on every rank
                 loss, stop_requested = data_parallel_step(model, group, head, loss_fn, device, autocast,

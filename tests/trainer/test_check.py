@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import trainer.check as check_module
-import trainer.packing as packing_module
 import trainer.train as train_module
 from trainer.__main__ import main as trainer_main
 from trainer.check import run_check
@@ -51,7 +50,7 @@ def _leaky_attention(monkeypatch):
 
 
 def _shifted_labels(monkeypatch):
-    monkeypatch.setattr(packing_module, "collate_packed", _shifted_targets)
+    monkeypatch.setattr(check_module, "collate_packed", _shifted_targets)  # the rows the check trains on
 
 
 @pytest.mark.parametrize("broken", [_shifted_labels, _leaky_attention], ids=["shifted_labels", "leak"])
@@ -78,7 +77,7 @@ def test_cli(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "PASS" in out and "| ours: packed" in out and "Hugging Face" in out
 
-    monkeypatch.setattr(packing_module, "collate_packed", _shifted_targets)
+    monkeypatch.setattr(check_module, "collate_packed", _shifted_targets)
     assert trainer_main(["check", *FAST, "--num-batches=1"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
