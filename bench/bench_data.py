@@ -14,7 +14,6 @@ import os
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchutil import git_commit  # noqa: E402
 from trainer.assets.synthetic import generate_conversations, write_jsonl  # noqa: E402
 from trainer.data import encode_file, load_tokenizer  # noqa: E402
 
@@ -61,11 +61,7 @@ def main() -> None:
     cached_s = time.perf_counter() - t0
     assert again.from_cache and len(ds2) == len(ds) and ds2[len(ds) // 2] == ds[len(ds) // 2]
 
-    try:
-        git = ["git", "rev-parse", "--short", "HEAD"]
-        commit = subprocess.run(git, capture_output=True, text=True).stdout
-    except OSError:
-        commit = "?"
+    commit = git_commit()
     import tokenizers
     import transformers
 

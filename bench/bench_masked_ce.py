@@ -19,7 +19,6 @@ import argparse
 import datetime
 import platform
 import statistics
-import subprocess
 import time
 import weakref
 
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchutil import git_commit
 from kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
 
 CUDA = torch.cuda.is_available()
@@ -208,13 +208,6 @@ def test_masked_ce_fwd_bwd(benchmark, provider, N, H, V, softcap, frac):
 # ----------------------------------------------------------------------------- table
 
 
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=4096)
@@ -237,7 +230,7 @@ def main(argv=None):
         else f"{platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
     )
     print(
-        f"# {dev_name}; torch {torch.__version__}; date {datetime.date.today()}; commit {_commit()}\n"
+        f"# {dev_name}; torch {torch.__version__}; date {datetime.date.today()}; commit {git_commit()}\n"
         f"# N={args.n} H={args.h} V={args.v} {args.dtype} softcap={args.softcap}; "
         f"forward+backward, frozen head; median of {args.reps}\n"
     )

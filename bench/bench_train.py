@@ -24,7 +24,6 @@ import datetime
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/bench_train.py` from anywhere
 
+from benchutil import git_commit  # noqa: E402
 from kernels import masked_linear_cross_entropy  # noqa: E402
 from trainer.assets.synthetic import generate_conversations, write_jsonl  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
@@ -187,15 +187,7 @@ class Bench:
 def environment(device: torch.device) -> dict:
     import transformers
 
-    root = Path(__file__).resolve().parents[1]
-    try:
-        git = dict(cwd=root, capture_output=True, text=True, check=True)
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **git).stdout.strip()
-        status = ["git", "status", "--porcelain", "--", "kernels", "trainer", "bench/bench_train.py"]
-        dirty = [line[3:] for line in subprocess.run(status, **git).stdout.splitlines()]
-        commit += f" + uncommitted changes in {', '.join(dirty)}" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = git_commit(("kernels", "trainer", "bench/bench_train.py"))
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
