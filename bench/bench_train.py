@@ -227,7 +227,8 @@ if pytest is not None:
         benchmark.extra_info["real_tokens"] = bench.tokens
         benchmark.extra_info["computed_slots"] = bench.slots(provider)
         benchmark.extra_info["steps"] = len(bench.batches[provider])
-        benchmark.extra_info["tokens_per_s"] = bench.tokens / benchmark.stats.stats.min
+        if benchmark.stats is not None:  # None under --benchmark-disable
+            benchmark.extra_info["tokens_per_s"] = bench.tokens / benchmark.stats.stats.min
 
 
 # ------------------------------------------------------------------------------------------------ script
