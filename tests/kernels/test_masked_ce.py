@@ -1,5 +1,6 @@
 """masked_linear_cross_entropy against the float64 reference, on both implementations."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -9,8 +10,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import kernels.masked_ce as mc
 from kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
 from kernels.masked_ce import _masked_lce
+from tests.synccount import count_syncs
 
 # The Triton implementation runs on CPU under TRITON_INTERPRET=1 (set in conftest) or on CUDA.
 IMPLS = ["torch", "triton"]
@@ -249,3 +252,193 @@ def test_peak_memory_far_below_full_logits():
 def test_gpu_triton_matches_reference(dtype):
     h, w, b, y = _inputs(300, 256, 5003, 0.7, dtype, bias=True, trainable=True)
     _check(h, w, b, y, impl="triton", reduction="mean", dtype=dtype, softcap=30.0)
+
+
+# ----------------------------------------------------------------------------- assume_valid, correct
+
+
+def _compacted(N, H, V, dtype, *, seed=0, bias=False, trainable=False):
+    h, w, b, y = _inputs(N, H, V, 0.0, dtype, seed=seed, bias=bias, trainable=trainable)
+    return h, w, b, y
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+def test_assume_valid_is_sync_free_and_matches(impl, trainable):
+    h, w, b, y = _compacted(40, 16, 203, torch.float32, bias=True, trainable=trainable)
+    correct = torch.zeros((), dtype=torch.long)
+    with count_syncs() as syncs:
+        out = _masked_lce(h, w, y, bias=b, assume_valid=True, correct=correct, impl=impl, scratch_bytes=4096)
+        out.backward()
+    assert syncs.count == 0, syncs.report()
+    got = [t.grad.clone() for t in (h, w, b) if t.requires_grad]
+    for t in (h, w, b):
+        t.grad = None
+    with count_syncs() as syncs:
+        ref = _masked_lce(h, w, y, bias=b, impl=impl, scratch_bytes=4096)
+        ref.backward()
+    assert syncs.count == 1, syncs.report()  # the default path: one sync for the count and the range
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for g, t in zip(got, [t for t in (h, w, b) if t.requires_grad], strict=True):
+        torch.testing.assert_close(g, t.grad, rtol=0, atol=0)
+
+
+def _argmax_correct_ref(h, w, b, y, softcap, ignore_index=-100):
+    logits = h.detach().double() @ w.detach().double().t()
+    if b is not None:
+        logits = logits + b.detach().double()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    valid = y != ignore_index
+    return int(((logits.argmax(-1) == y) & valid).sum())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("opts", [{}, {"bias": True, "softcap": 3.0}], ids=["plain", "bias-softcap"])
+@pytest.mark.parametrize("frac", [0.0, 0.5, 1.0], ids=lambda f: f"masked{f}")
+def test_correct_counts_argmax_equals_label(impl, dtype, opts, frac):
+    opts = dict(opts)
+    softcap = opts.get("softcap")
+    # Few classes and strong logits so that about half the rows are right: the count is informative.
+    h, w, b, y = _inputs(57, 12, 5, frac, dtype, seed=7, bias=opts.get("bias", False))
+    correct = torch.full((), 5, dtype=torch.long)  # added to in place, not overwritten
+    _masked_lce(h, w, y, bias=b, softcap=softcap, correct=correct, impl=impl, scratch_bytes=4 * 5 * 8)
+    want = _argmax_correct_ref(h, w, b, y, softcap)
+    assert 0 < want < 57 or frac == 1.0
+    assert correct.item() == 5 + want
+
+
+@pytest.mark.parametrize("row_step", ["torch", "triton"])
+def test_row_step_correct_first_maximum_wins_ties(row_step):
+    # Row 0: the label (3) ties the maximum at 1, which comes first: not correct.
+    # Row 1: the label (1) ties the maximum at 3, after it: correct. Row 2: a strict maximum elsewhere.
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0], [0.0, 2.0, 1.0, 2.0], [5.0, 2.0, 1.0, 2.0]])
+    labels = torch.tensor([3, 1, 1])
+    correct = torch.zeros((), dtype=torch.long)
+    kw = dict(softcap=None, label_smoothing=0.0, compute_grad=True, correct=correct)
+    if row_step == "torch":
+        mc._rows_torch(logits, None, labels, None, **kw)
+    else:
+        mc._rows_triton(logits, None, labels, None, grad_dtype=torch.float32, **kw)
+    assert correct.item() == 1
+
+
+@pytest.mark.parametrize("V", [1500, 8193])  # one config of each: 4 warps x 1024, 8 warps x 4096
+def test_row_kernel_in_place_reads_label_logit_first(V):
+    # fp32 in place: the row becomes dlogits while the label's logit is still needed for the loss.
+    # Labels at both ends and on each side of a block boundary.
+    block = mc._row_config(V)[0]
+    labels = torch.tensor([0, V - 1, block - 1, block, min(2 * block, V - 1)])
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(labels.numel(), V, generator=gen, dtype=torch.float64) * 3
+    logits[torch.arange(labels.numel()), labels] += 4.0  # the label's logit matters to the loss
+    want_loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    want_grad = torch.softmax(logits, -1) - torch.nn.functional.one_hot(labels, V)
+    chunk = logits.float()
+    loss, _, grad = mc._rows_triton(
+        chunk,
+        None,
+        labels,
+        None,
+        softcap=None,
+        label_smoothing=0.0,
+        compute_grad=True,
+        grad_dtype=torch.float32,
+    )
+    assert grad.data_ptr() == chunk.data_ptr()  # really in place
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=0, atol=1e-6)
+
+
+def test_correct_must_be_a_0d_int64_tensor():
+    h, w, _, y = _inputs(4, 8, 10, 0.0, torch.float32)
+    for bad in (torch.zeros(1, dtype=torch.long), torch.zeros((), dtype=torch.int32), 3):
+        with pytest.raises(ValueError, match="correct must be a 0-d int64 tensor"):
+            masked_linear_cross_entropy(h, w, y, correct=bad)
+
+
+# ----------------------------------------------------------------------------- CUDA-only paths, on CPU
+
+
+def test_launch_runs_inside_the_tensors_device(monkeypatch):
+    state = {"inside": None, "launched_inside": None}
+
+    @contextlib.contextmanager
+    def fake_device(device):
+        state["inside"] = device
+        yield
+        state["inside"] = None
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                state["launched_inside"] = state["inside"]
+
+            return launch
+
+    monkeypatch.setattr(mc, "_is_gpu", lambda t: True)
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    monkeypatch.setattr(mc, "_ce_rows_kernel", FakeKernel())
+    logits = torch.zeros(3, 7)
+    mc._rows_triton(
+        logits, None, torch.zeros(3, dtype=torch.long), None, softcap=None, label_smoothing=0.0,
+        compute_grad=True, grad_dtype=torch.float32,
+    )  # fmt: skip
+    assert state["launched_inside"] == logits.device
+
+
+def test_mm_out_dtype_is_detected_on_supported_torch():
+    # torch >= 2.8 has mm(..., out_dtype=); the project needs torch >= 2.10, so the upcast is never taken.
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    assert (major, minor) >= (2, 10)
+    assert mc.MM_HAS_OUT_DTYPE
+
+
+def test_mm_fp32_uses_out_dtype_gemm_and_lets_errors_through(monkeypatch):
+    calls = []
+
+    def fake_mm(a, b, *, out_dtype=None):
+        calls.append(out_dtype)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype)
+
+    def no_upcast(self, *args, **kwargs):
+        raise AssertionError("the bf16 operand was upcast to fp32")
+
+    monkeypatch.setattr(mc, "_is_gpu", lambda t: True)
+    monkeypatch.setattr(mc, "MM_HAS_OUT_DTYPE", True)
+    monkeypatch.setattr(torch, "mm", fake_mm)
+    a, b = torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(8, 5, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.Tensor, "float", no_upcast)
+    assert mc._mm_fp32(a, b).dtype == torch.float32
+    with pytest.raises(torch.OutOfMemoryError):  # not swallowed into a permanent fp32 fallback
+        mc._mm_fp32(a, b)
+    assert mc._mm_fp32(a, b).dtype == torch.float32
+    assert calls == [torch.float32] * 3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_autocast_does_not_reach_the_logits(impl):
+    # fp32 hidden and weight under CPU autocast to bf16: the loss must still be computed in fp32.
+    h, w, b, y = _inputs(37, 19, 203, 0.5, torch.float32, bias=True, trainable=True)
+    seen = []
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func._schema.name in ("aten::mm", "aten::addmm"):
+                seen.append(out.dtype)
+            return out
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), MatmulDtypes():
+        out = _masked_lce(h, w, y, bias=b, softcap=5.0, impl=impl, scratch_bytes=8 * 203 * 8)
+    out.backward()
+    assert seen and set(seen) == {torch.float32}
+    hd, wd, bd = (t.detach().double().requires_grad_() for t in (h, w, b))
+    ref = masked_linear_cross_entropy_ref(hd, wd, y, bias=bd, softcap=5.0)
+    ref.backward()
+    torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=2e-6)
+    for got, want in ((h.grad, hd.grad), (w.grad, wd.grad), (b.grad, bd.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-5 * want.abs().max().item())
