@@ -641,3 +641,45 @@ def masked_linear_cross_entropy_ref(
         logits, y, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
     )
     return loss.reshape(labels.shape) if reduction == "none" else loss
+
+
+# ----------------------------------------------------------------------------- compile specifications
+
+
+def compile_specs() -> list[dict]:
+    """Every specialisation ``_rows_triton`` can launch, for the ahead-of-time GPU compile test.
+
+    Each dict: ``name``, ``fn``, ``signature``, ``constexprs``, ``num_warps``, ``num_stages`` and ``attrs``
+    (argument name -> Triton attributes: 16-divisible sizes and pointers, as Triton specialises them at
+    launch when V is a multiple of 16, which every real vocabulary is). The first spec is the heaviest
+    (every flag on, bf16 gradient, the wide block), the one a quick check compiles.
+    """
+    aligned = {n: [["tt.divisibility", 16]] for n in ("logits_ptr", "grad_ptr", "bias_ptr", "loss_ptr",
+                                                       "lse_ptr", "V", "stride_lm", "stride_gm")}  # fmt: skip
+    variants = (
+        [  # (COMPUTE_GRAD, grad dtype, HAS_ROW_SCALE, COUNT_CORRECT): what forward and backward launch
+            (True, dt, False, cc) for dt in ("bf16", "fp16", "fp32") for cc in (True, False)
+        ]
+        + [(False, "fp32", False, cc) for cc in (True, False)]
+        + [(True, dt, True, False) for dt in ("bf16", "fp16", "fp32")]
+    )
+    specs = []
+    for (block_v, num_warps), align in [(c, a) for c in ((4096, 8), (1024, 4)) for a in (True, False)]:
+        for compute_grad, grad_dt, row_scale, count_correct in variants:
+            for flags in range(8):
+                constexprs = dict(
+                    HAS_BIAS=not flags & 1, HAS_SOFTCAP=not flags & 2, HAS_SMOOTHING=not flags & 4,
+                    HAS_ROW_SCALE=row_scale, COMPUTE_GRAD=compute_grad, COUNT_CORRECT=count_correct,
+                    BLOCK_V=block_v,
+                )  # fmt: skip
+                signature = {
+                    "logits_ptr": "*fp32", "grad_ptr": f"*{grad_dt}", "bias_ptr": "*fp32", "labels_ptr": "*i64",
+                    "row_scale_ptr": "*fp32", "loss_ptr": "*fp32", "lse_ptr": "*fp32", "correct_ptr": "*i64",
+                    "V": "i32", "stride_lm": "i32", "stride_gm": "i32", "softcap": "fp32", "label_smoothing": "fp32",
+                    **dict.fromkeys(constexprs, "constexpr"),
+                }  # fmt: skip
+                specs.append(dict(
+                    name="_ce_rows_kernel", fn=_ce_rows_kernel, signature=signature, constexprs=constexprs,
+                    num_warps=num_warps, num_stages=3, attrs=aligned if align else {},
+                ))  # fmt: skip
+    return specs

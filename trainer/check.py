@@ -5,10 +5,11 @@ On the first packed rows of the configured training data, compute the loss and t
 - ours: packed row, varlen attention, fused masked loss on the decoder's hidden states
   (``trainer.train.forward_backward``, exactly what training runs);
 - Hugging Face: the same conversations right-padded (``pad_collate``), the model's default attention
-  (sdpa) with an ``attention_mask``, the model's own logits and its ``labels=`` loss.
+  (sdpa) with an ``attention_mask``, the model's lm_head on every position and an fp32 cross-entropy with
+  transformers' shift, in chunks of positions (``padded_loss_sum``: bounded memory, never the
+  ``[tokens, vocab]`` logits that ``labels=`` would build).
 
-HF's loss is a mean over each padded batch's target tokens, so it is turned back into a sum (times that
-batch's target count); both paths are divided by the same total count. LoRA's B matrices start at zero,
+Both paths sum their per-token losses and divide by the same total count. LoRA's B matrices start at zero,
 which would make every A gradient zero; the check gives them small random values first so that every
 adapter gradient is exercised. Dropout is off (eval mode) so that both paths see the same function.
 """
@@ -19,6 +20,7 @@ import sys
 from contextlib import nullcontext
 
 import torch
+import torch.utils.checkpoint
 
 from kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
 from trainer.config import ConfigError, TrainConfig, load_config
@@ -49,20 +51,63 @@ def _randomize_lora_b(model, seed: int) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=generator).to(p))
 
 
-def _hf_forward_backward(model, padded_batches, device, autocast) -> torch.Tensor:
-    """The plain HF path: sum over batches of (mean loss x target count), divided by the total count."""
+# fp32 logits one chunk of the Hugging Face path's loss may hold (x2 for the softmax in backward):
+# 256 MiB is 220 positions at V=151936.
+HF_LOSS_CHUNK_BYTES = 256 * 2**20
+HF_LOSS_NOTE = (
+    "loss over chunks of <= {chunk} positions (lm_head + fp32 cross-entropy, checkpointed), "
+    "never [tokens, vocab]"
+)
+
+
+def _chunk_loss_sum(h, y, weight, bias, softcap):
+    logits = torch.nn.functional.linear(h, weight, bias).float()  # the head in the model's dtype, as HF
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return torch.nn.functional.cross_entropy(logits, y, ignore_index=-100, reduction="sum")
+
+
+def padded_loss_sum(model, batch, head, autocast, *, chunk_bytes: int = HF_LOSS_CHUNK_BYTES) -> torch.Tensor:
+    """Summed next-token loss of a padded batch through the plain Hugging Face path, in bounded memory.
+
+    The decoder runs on the right-padded batch with its ``attention_mask`` (the model's default attention);
+    the labels are shifted as transformers shifts them. Its loss would build ``[B, L, V]`` logits and an
+    fp32 copy (about 10 bytes per logit: 217 GB for 24 x 5943 positions at V=151936); here the head and an
+    fp32 cross-entropy run over chunks of positions, each chunk recomputed in backward (activation
+    checkpointing), so at most one chunk of ``chunk_bytes`` of fp32 logits exists at a time. Every
+    position is computed, ignored or not, as transformers does.
+    """
+    weight, bias, softcap = head
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with autocast:
+        hidden = base.get_decoder()(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state
+    labels = torch.nn.functional.pad(batch.labels, (0, 1), value=-100)[:, 1:]  # position t predicts t + 1
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1).to(h.device)
+    rows = hf_loss_chunk_rows(weight.shape[0], chunk_bytes)
+    total = torch.zeros((), device=h.device)
+    for s in range(0, h.shape[0], rows):
+        with autocast:
+            part = torch.utils.checkpoint.checkpoint(
+                _chunk_loss_sum, h[s : s + rows], y[s : s + rows], weight, bias, softcap, use_reentrant=False
+            )
+        total = total + part
+    return total
+
+
+def hf_loss_chunk_rows(vocab_size: int, chunk_bytes: int = HF_LOSS_CHUNK_BYTES) -> int:
+    # Per position: V fp32 logits, plus their softmax in the cross-entropy's backward.
+    return max(1, chunk_bytes // (vocab_size * 4 * 2))
+
+
+def _hf_forward_backward(model, padded_batches, head, device, autocast) -> torch.Tensor:
+    """The plain HF path: sum over batches of the summed loss, divided by the total target count."""
     total_targets = max(1, sum(b.num_loss_tokens for b in padded_batches))
     total = torch.zeros((), device=device)
     for batch in padded_batches:
-        batch = batch.to(device)
-        with autocast:
-            out = model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                labels=batch.labels,
-                use_cache=False,
-            )
-        loss_sum = out.loss.float() * batch.num_loss_tokens
+        loss_sum = padded_loss_sum(model, batch.to(device), head, autocast)
         (loss_sum / total_targets).backward()
         total += loss_sum.detach()
     return total / total_targets
@@ -115,7 +160,7 @@ def run_check(cfg: TrainConfig, *, num_batches: int = 2, tolerance: float | None
     model.zero_grad(set_to_none=True)
 
     base.set_attn_implementation(default_attn)
-    loss_hf = _hf_forward_backward(model, padded, device, autocast).item()
+    loss_hf = _hf_forward_backward(model, padded, head, device, autocast).item()
     grads_hf = _lora_grads(model)
     model.zero_grad(set_to_none=True)
 
@@ -140,6 +185,7 @@ def run_check(cfg: TrainConfig, *, num_batches: int = 2, tolerance: float | None
         loss_tokens=loss_tokens,
         hf_loss_tokens=sum(b.num_loss_tokens for b in padded),
         hf_attention=default_attn,
+        hf_loss=HF_LOSS_NOTE.format(chunk=hf_loss_chunk_rows(head[0].shape[0])),
         tolerance=tolerance,
         passed=passed,
     )
@@ -153,8 +199,10 @@ def format_report(r: dict) -> str:
         "| path | loss (mean per target token) | target tokens |",
         "|---|---|---|",
         f"| ours: packed, varlen attention, fused masked loss | {r['loss_ours']:.6f} | {r['loss_tokens']} |",
-        f"| Hugging Face: padded, {r['hf_attention']} attention, labels= loss | {r['loss_hf']:.6f} "
+        f"| Hugging Face: padded, {r['hf_attention']} attention, its lm_head | {r['loss_hf']:.6f} "
         f"| {r['hf_loss_tokens']} |",
+        "",
+        f"Hugging Face {r['hf_loss']}",
         "",
         f"loss relative difference     {r['loss_rel_diff']:.3e}",
         f"max LoRA gradient rel. diff  {r['grad_rel_diff']:.3e}  ({r['worst_param'] or '-'})",

@@ -1,0 +1,144 @@
+"""Every Triton kernel of the project compiles for sm_80, sm_90 and sm_100 with no spill, on a CPU machine.
+
+The kernels are found by scanning ``kernels/*.py`` for ``@triton.jit`` functions, so a new kernel without
+a ``compile_specs()`` entry fails here. Compilation runs in a subprocess (``tests/kernels/gpu_compile.py``)
+because these tests run under ``TRITON_INTERPRET=1``. The quick set compiles the first spec of each kernel
+for each target; the full sweep (every specialisation the launchers can pick) is marked slow.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import kernels.masked_ce as mc
+from tests.kernels import gpu_compile
+
+SCRIPT = gpu_compile.__file__
+
+
+def _compile(tmp_path_factory, everything):
+    out = tmp_path_factory.mktemp("gpu_compile") / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, SCRIPT, "--json", str(out)] + (["--all"] if everything else [])
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="session")
+def quick_rows(tmp_path_factory):
+    return _compile(tmp_path_factory, everything=False)
+
+
+def _check_rows(rows):
+    bad = []
+    for r in rows:
+        if r.get("absent"):
+            continue
+        if "error" in r:
+            bad.append(f"{r['kernel']} {r.get('config', '')} {r.get('target', '')}: {r['error']}")
+        elif r["local"] != 0 or r.get("stack", 0) != 0:
+            bad.append(
+                f"{r['kernel']} {r['config']} {r['target']}: spills {r['local']} bytes of local memory"
+            )
+        elif r["shared"] > r["shared_limit"]:
+            bad.append(
+                f"{r['kernel']} {r['config']} {r['target']}: shared {r['shared']} > {r['shared_limit']}"
+            )
+    assert not bad, "\n".join(bad)
+
+
+def test_every_kernel_has_compile_specs():
+    found = gpu_compile.project_kernels()
+    assert "_ce_rows_kernel" in found["kernels.masked_ce"]
+    assert "_tanh" not in found["kernels.masked_ce"]  # a device helper, compiled inside its callers
+    for module_name, kernels in found.items():
+        module = __import__(module_name, fromlist=["compile_specs"])
+        assert hasattr(module, "compile_specs"), f"{module_name} has Triton kernels but no compile_specs()"
+        named = {s["name"] for s in module.compile_specs()}
+        missing = set(kernels) - named
+        assert not missing, f"{module_name}: kernels without compile_specs() entries: {sorted(missing)}"
+
+
+def test_scan_tells_kernels_from_device_helpers(tmp_path):
+    src = textwrap.dedent(
+        """
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def helper(x):
+            return x * 2
+
+        @triton.jit
+        def new_kernel(ptr, BLOCK: tl.constexpr):
+            tl.store(ptr, helper(tl.load(ptr)))
+
+        def not_jitted():
+            pass
+        """
+    )
+    (tmp_path / "k.py").write_text(src)
+    assert gpu_compile.jit_functions(tmp_path / "k.py") == {"helper": False, "new_kernel": True}
+
+
+@pytest.mark.parametrize("target", [f"sm_{cc}" for cc in gpu_compile.TARGETS])
+def test_quick_compile_no_spills(quick_rows, target):
+    if int(target[3:]) not in gpu_compile.supported_targets():
+        pytest.skip(f"the installed Triton does not compile for {target}")
+    rows = [r for r in quick_rows if r.get("target") in (target, None)]
+    assert any("reg" in r for r in rows), rows
+    _check_rows(rows)
+    names = {r["kernel"] for r in rows if "kernel" in r}
+    for module_name, kernels in gpu_compile.project_kernels().items():
+        assert set(kernels) <= names, f"{module_name}: not compiled for {target}"
+
+
+@pytest.mark.slow
+def test_every_spec_compiles_no_spills(tmp_path_factory):
+    _check_rows(_compile(tmp_path_factory, everything=True))
+
+
+def _spec_key(constexprs, grad_dtype, num_warps):
+    return tuple(sorted(constexprs.items())) + (grad_dtype, num_warps)
+
+
+def test_masked_ce_launches_are_in_compile_specs(monkeypatch):
+    # Record what the launcher really launches (through the interpreter) over forward and backward,
+    # fp32 and bf16, each option, both row configurations; each must be a compile spec.
+    launched = set()
+    real = mc._ce_rows_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                meta = {k: v for k, v in kwargs.items() if k != "num_warps"}
+                dt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[args[1].dtype]
+                launched.add(_spec_key(meta, dt, kwargs["num_warps"]))
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(mc, "_ce_rows_kernel", Recording())
+    gen = torch.Generator().manual_seed(0)
+    for V in (50, 8200):
+        for dtype in (torch.float32, torch.bfloat16):
+            for opts in ({}, {"softcap": 5.0, "label_smoothing": 0.1}):
+                h = torch.randn(3, 8, generator=gen).to(dtype).requires_grad_()
+                w = torch.randn(V, 8, generator=gen).to(dtype).requires_grad_()
+                b = torch.randn(V, generator=gen).to(dtype)
+                y = torch.tensor([1, -100, 7])
+                correct = torch.zeros((), dtype=torch.long)
+                mc._masked_lce(h, w, y, bias=b, impl="triton", correct=correct, **opts).backward()
+                mc._masked_lce(h, w, y, reduction="none", impl="triton", **opts).sum().backward()
+                with torch.no_grad():
+                    mc._masked_lce(h, w, y, impl="triton", **opts)
+    specs = {
+        _spec_key(s["constexprs"], s["signature"]["grad_ptr"][1:], s["num_warps"]) for s in mc.compile_specs()
+    }
+    assert launched and launched <= specs, sorted(launched - specs)
