@@ -47,6 +47,15 @@ def _tanh(x):
 
 
 @triton.jit
+def _dot(a, b, UPCAST_DOT: tl.constexpr):
+    # Triton's interpreter multiplies bf16 tiles as their raw uint16 bits; it gets fp32 copies instead,
+    # which is exact (a bf16 x bf16 product fits in fp32, as on tensor cores).
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
 def _scores(qk, sm_scale, softcap, SOFTCAP: tl.constexpr):
     """Raw q·k -> scores in log2 units, softcapped when SOFTCAP."""
     if SOFTCAP:
@@ -98,7 +107,7 @@ def _fwd_kernel(
     head_dim, group, sm_scale, softcap, window_left, window_right,
     # meta
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     pid_m, seq, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(cu_seqlens + seq)
@@ -129,7 +138,7 @@ def _fwd_kernel(
         kv_rows = (start + cols).to(tl.int64)
         kv_mask = _tile_mask(cols < seqlen, offs_d, head_dim, EVEN_D)
         k = tl.load(_tile(k_base, kv_rows, stride_kt, offs_d), mask=kv_mask, other=0.0)
-        s = _scores(tl.dot(q, tl.trans(k)), sm_scale, softcap, SOFTCAP)
+        s = _scores(_dot(q, tl.trans(k), UPCAST_DOT), sm_scale, softcap, SOFTCAP)
         edge = (n0 + BLOCK_N > seqlen) | (n0 + BLOCK_N - 1 > m0 + window_right)
         edge |= n0 <= m0 + BLOCK_M - 1 - window_left
         if edge:
@@ -139,7 +148,7 @@ def _fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(_tile(v_base, kv_rows, stride_vt, offs_d), mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT)
         m_i = m_new
 
     out = acc / l_i[:, None]
@@ -158,7 +167,7 @@ def _bwd_dq_kernel(
     head_dim, group, sm_scale, softcap, window_left, window_right,
     # meta
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     pid_m, seq, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(cu_seqlens + seq)
@@ -191,16 +200,16 @@ def _bwd_dq_kernel(
         kv_mask = _tile_mask(cols < seqlen, offs_d, head_dim, EVEN_D)
         k = tl.load(_tile(k_base, kv_rows, stride_kt, offs_d), mask=kv_mask, other=0.0)
         v = tl.load(_tile(v_base, kv_rows, stride_vt, offs_d), mask=kv_mask, other=0.0)
-        s = _scores(tl.dot(q, tl.trans(k)), sm_scale, softcap, SOFTCAP)
+        s = _scores(_dot(q, tl.trans(k), UPCAST_DOT), sm_scale, softcap, SOFTCAP)
         p = tl.exp2(s - lse[:, None])
         edge = (n0 + BLOCK_N > seqlen) | (n0 + BLOCK_N - 1 > m0 + window_right)
         edge |= n0 <= m0 + BLOCK_M - 1 - window_left
         if edge:
             p = tl.where(_band_mask(offs_m, cols, seqlen, window_left, window_right), p, 0.0)
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        ds = p * (_dot(do, tl.trans(v), UPCAST_DOT) - delta[:, None])
         if SOFTCAP:
             ds = ds * _softcap_grad(s, softcap)
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += _dot(ds.to(k.dtype), k, UPCAST_DOT)
 
     tl.store(_tile(dQ + h * stride_dqh, rows, stride_dqt, offs_d), dq * sm_scale, mask=q_mask)
 
@@ -216,7 +225,7 @@ def _bwd_dkdv_kernel(
     head_dim, group, sm_scale, softcap, window_left, window_right,
     # meta
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     pid_n, seq, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(cu_seqlens + seq)
@@ -249,18 +258,18 @@ def _bwd_dkdv_kernel(
             lse = tl.load(Lse + h * stride_lh + rows, mask=qi < seqlen, other=0.0)
             delta = tl.load(Delta + h * stride_lh + rows, mask=qi < seqlen, other=0.0)
             # transposed scores [BLOCK_N, BLOCK_M]: keys along rows
-            s = _scores(tl.dot(k, tl.trans(q)), sm_scale, softcap, SOFTCAP)
+            s = _scores(_dot(k, tl.trans(q), UPCAST_DOT), sm_scale, softcap, SOFTCAP)
             p = tl.exp2(s - lse[None, :])
             edge = (m0 + BLOCK_M > seqlen) | (n0 + BLOCK_N - 1 > m0 + window_right)
             edge |= n0 <= m0 + BLOCK_M - 1 - window_left
             if edge:
                 allowed = tl.trans(_band_mask(qi, offs_n, seqlen, window_left, window_right))
                 p = tl.where(allowed & (qi < seqlen)[None, :], p, 0.0)
-            dv += tl.dot(p.to(do.dtype), do)
-            ds = p * (tl.dot(v, tl.trans(do)) - delta[None, :])
+            dv += _dot(p.to(do.dtype), do, UPCAST_DOT)
+            ds = p * (_dot(v, tl.trans(do), UPCAST_DOT) - delta[None, :])
             if SOFTCAP:
                 ds = ds * _softcap_grad(s, softcap)
-            dk += tl.dot(ds.to(q.dtype), q)
+            dk += _dot(ds.to(q.dtype), q, UPCAST_DOT)
 
     tl.store(_tile(dK + hk * stride_dkh, kv_rows, stride_dkt, offs_d), dk * sm_scale, mask=kv_mask)
     tl.store(_tile(dV + hk * stride_dvh, kv_rows, stride_dvt, offs_d), dv, mask=kv_mask)
@@ -338,7 +347,7 @@ def compile_specs() -> list[dict]:
                     for softcap in (False, True):
                         block_m, block_n, warps, stages = _config(kernel, block_d)
                         constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
-                                      "EVEN_D": even_d, "SOFTCAP": softcap}  # fmt: skip
+                                      "EVEN_D": even_d, "SOFTCAP": softcap, "UPCAST_DOT": False}  # fmt: skip
                         sig = _signature(kernel, dtype, constexprs)
                         specs.append({
                             "name": f"{kernel}_{_TL_NAMES[dtype]}_d{block_d}{'' if even_d else 'pad'}"
@@ -362,8 +371,14 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _options(block_d, head_dim, softcap):
-    return {"BLOCK_D": block_d, "EVEN_D": block_d == head_dim, "SOFTCAP": softcap is not None}
+def _options(block_d, head_dim, softcap, dtype):
+    upcast = _interpreting() and dtype == torch.bfloat16
+    return {
+        "BLOCK_D": block_d,
+        "EVEN_D": block_d == head_dim,
+        "SOFTCAP": softcap is not None,
+        "UPCAST_DOT": upcast,
+    }
 
 
 def _forward(q, k, v, sinks, cu_seqlens, max_seqlen, scale, window_left, window_right, softcap):
@@ -378,7 +393,7 @@ def _forward(q, k, v, sinks, cu_seqlens, max_seqlen, scale, window_left, window_
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         d, hq // k.shape[1], scale, softcap or 1.0, window_left, window_right,
-        BLOCK_M=block_m, BLOCK_N=block_n, **_options(block_d, d, softcap), num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, **_options(block_d, d, softcap, q.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out, lse
 
@@ -398,7 +413,7 @@ def _backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, window_left,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
         *common,
-        BLOCK_M=block_m, BLOCK_N=block_n, **_options(block_d, d, softcap), num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, **_options(block_d, d, softcap, q.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     # after the dq kernel, which writes delta
     block_m, block_n, warps, stages = _config("dkdv", block_d)
@@ -407,7 +422,7 @@ def _backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, window_left,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
         *common,
-        BLOCK_M=block_m, BLOCK_N=block_n, **_options(block_d, d, softcap), num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, **_options(block_d, d, softcap, q.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return dq, dk, dv, delta
 
