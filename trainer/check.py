@@ -4,8 +4,9 @@ On the first packed rows of the configured training data, compute the loss and t
 
 - ours: packed row, varlen attention, fused masked loss on the decoder's hidden states
   (``trainer.train.forward_backward``, exactly what training runs);
-- Hugging Face: the same conversations right-padded (``pad_collate``), the model's default attention
-  (sdpa) with an ``attention_mask``, the model's own logits and its ``labels=`` loss.
+- Hugging Face: the same conversations right-padded (``pad_collate``), transformers' own attention (sdpa,
+  or eager where a layer has a logit softcap or sinks) with an ``attention_mask``, the model's own
+  logits and its ``labels=`` loss.
 
 HF's loss is a mean over each padded batch's target tokens, so it is turned back into a sum (times that
 batch's target count); both paths are divided by the same total count. LoRA's B matrices start at zero,
@@ -22,7 +23,7 @@ import torch
 
 from kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
 from trainer.config import ConfigError, TrainConfig, load_config
-from trainer.model import apply_lora, enable_varlen_attention, lm_head_spec, load_model, resolve_dtype
+from trainer.model import hf_reference_attention, prepare_model, resolve_dtype
 from trainer.packing import collate_packed, epoch_rows, pack, pad_collate
 from trainer.train import forward_backward
 
@@ -79,9 +80,7 @@ def run_check(cfg: TrainConfig, *, num_batches: int = 2, tolerance: float | None
     if num_batches < 1:
         raise CheckError(f"num_batches must be at least 1, got {num_batches}")
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg)
-    head = lm_head_spec(model)
-    model = apply_lora(model, cfg)
+    model, tokenizer, head = prepare_model(cfg)
     _randomize_lora_b(model, cfg.seed)
     model.eval()  # no dropout: both paths must compute the same function
     device = head[0].device
@@ -108,8 +107,7 @@ def run_check(cfg: TrainConfig, *, num_batches: int = 2, tolerance: float | None
         )
 
     base = model.get_base_model()
-    default_attn = base.config._attn_implementation
-    enable_varlen_attention(model, None if cfg.attn_backend == "auto" else cfg.attn_backend)
+    default_attn = hf_reference_attention(model)  # prepare_model installed varlen attention for ours
     loss_ours = forward_backward(model, packed, head, loss_fn, device, autocast).item()
     grads_ours = _lora_grads(model)
     model.zero_grad(set_to_none=True)
