@@ -196,6 +196,8 @@ def _capability(needs: AttentionNeeds) -> tuple[int, int]:
 
 def _flash_attn_lacks(needs: AttentionNeeds) -> list[str]:
     lacks = ["sinks"] if needs.sinks else []
+    if needs.window is not None and "window_size" not in _params("flash_attn"):
+        lacks.append("window (flash-attn < 2.3)")
     if needs.softcap and "softcap" not in _params("flash_attn"):
         lacks.append("softcap (flash-attn < 2.6)")
     if needs.head_dim > 256 or needs.head_dim % 8:
