@@ -42,7 +42,7 @@ from trainer.assets.synthetic import generate_conversations, write_jsonl  # noqa
 from trainer.check import HF_LOSS_NOTE, hf_loss_chunk_rows, padded_loss_sum  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.data import encode_file, load_tokenizer  # noqa: E402
-from trainer.model import apply_lora, enable_varlen_attention, lm_head_spec  # noqa: E402
+from trainer.model import enable_varlen_attention, prepare_model  # noqa: E402
 from trainer.packing import make_packed_batches, pad_collate  # noqa: E402
 from trainer.train import forward_backward  # noqa: E402
 
@@ -117,9 +117,7 @@ class Bench:
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.settings = dict(SETTINGS[shape], **({"conversations": conversations} if conversations else {}))
         model = build_model(shape, device, self.dtype, num_layers)
-        self.head = lm_head_spec(model)
-        self.model = apply_lora(model, LORA)
-        self.model.train()
+        self.model, _, self.head = prepare_model(LORA, device=str(device), model=model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-5, fused=device.type == "cuda")
         amp = self.dtype != torch.float32
@@ -129,7 +127,7 @@ class Bench:
         self.tokens = sum(b.num_tokens for b in packed)
         assert self.tokens == sum(b.num_tokens for b in padded)  # same conversations both ways
         self.base = self.model.get_base_model()
-        self.default_attn = self.base.config._attn_implementation
+        self.default_attn = "sdpa"  # transformers' default; prepare_model installed varlen attention
 
     def use(self, provider: str) -> None:
         if provider == "ours":

@@ -4,10 +4,11 @@ On the first packed rows of the configured training data, compute the loss and t
 
 - ours: packed row, varlen attention, fused masked loss on the decoder's hidden states
   (``trainer.train.forward_backward``, exactly what training runs);
-- Hugging Face: the same conversations right-padded (``pad_collate``), the model's default attention
-  (sdpa) with an ``attention_mask``, the model's lm_head on every position and an fp32 cross-entropy with
-  transformers' shift, in chunks of positions (``padded_loss_sum``: bounded memory, never the
-  ``[tokens, vocab]`` logits that ``labels=`` would build).
+- Hugging Face: the same conversations right-padded (``pad_collate``), transformers' own attention (sdpa,
+  or eager where a layer has a logit softcap or sinks) with an ``attention_mask``, the model's own
+  ``lm_head`` module and its config's logit scale and softcap on every position, and an fp32
+  cross-entropy with transformers' shift, in chunks of positions (``padded_loss_sum``: bounded memory,
+  never the ``[tokens, vocab]`` logits that ``labels=`` would build).
 
 Both paths sum their per-token losses and divide by the same total count. LoRA's B matrices start at zero,
 which would make every A gradient zero; the check gives them small random values first so that every
@@ -24,7 +25,7 @@ import torch.utils.checkpoint
 
 from kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
 from trainer.config import ConfigError, TrainConfig, load_config
-from trainer.model import apply_lora, enable_varlen_attention, lm_head_spec, load_model, resolve_dtype
+from trainer.model import head_scale, hf_reference_attention, prepare_model, resolve_dtype
 from trainer.packing import collate_packed, epoch_rows, pack, pad_collate
 from trainer.train import forward_backward
 
@@ -60,8 +61,10 @@ HF_LOSS_NOTE = (
 )
 
 
-def _chunk_loss_sum(h, y, weight, bias, softcap):
-    logits = torch.nn.functional.linear(h, weight, bias).float()  # the head in the model's dtype, as HF
+def _chunk_loss_sum(h, y, lm_head, scale, softcap):
+    logits = lm_head(h).float()  # the model's own head module (in its dtype, as HF), not our head spec
+    if scale != 1.0:
+        logits = logits * scale  # Cohere's logit_scale, Granite's 1 / logits_scaling
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     return torch.nn.functional.cross_entropy(logits, y, ignore_index=-100, reduction="sum")
@@ -77,8 +80,8 @@ def padded_loss_sum(model, batch, head, autocast, *, chunk_bytes: int = HF_LOSS_
     checkpointing), so at most one chunk of ``chunk_bytes`` of fp32 logits exists at a time. Every
     position is computed, ignored or not, as transformers does.
     """
-    weight, bias, softcap = head
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    softcap = getattr(base.config, "final_logit_softcapping", None) or None  # read here, not from `head`
     with autocast:
         hidden = base.get_decoder()(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
@@ -86,12 +89,19 @@ def padded_loss_sum(model, batch, head, autocast, *, chunk_bytes: int = HF_LOSS_
     labels = torch.nn.functional.pad(batch.labels, (0, 1), value=-100)[:, 1:]  # position t predicts t + 1
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(h.device)
-    rows = hf_loss_chunk_rows(weight.shape[0], chunk_bytes)
+    rows = hf_loss_chunk_rows(head[0].shape[0], chunk_bytes)
+    scale, lm_head = head_scale(base), base.get_output_embeddings()
     total = torch.zeros((), device=h.device)
     for s in range(0, h.shape[0], rows):
         with autocast:
             part = torch.utils.checkpoint.checkpoint(
-                _chunk_loss_sum, h[s : s + rows], y[s : s + rows], weight, bias, softcap, use_reentrant=False
+                _chunk_loss_sum,
+                h[s : s + rows],
+                y[s : s + rows],
+                lm_head,
+                scale,
+                softcap,
+                use_reentrant=False,
             )
         total = total + part
     return total
@@ -124,9 +134,7 @@ def run_check(cfg: TrainConfig, *, num_batches: int = 2, tolerance: float | None
     if num_batches < 1:
         raise CheckError(f"num_batches must be at least 1, got {num_batches}")
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg)
-    head = lm_head_spec(model)
-    model = apply_lora(model, cfg)
+    model, tokenizer, head = prepare_model(cfg)
     _randomize_lora_b(model, cfg.seed)
     model.eval()  # no dropout: both paths must compute the same function
     device = head[0].device
@@ -153,8 +161,7 @@ def run_check(cfg: TrainConfig, *, num_batches: int = 2, tolerance: float | None
         )
 
     base = model.get_base_model()
-    default_attn = base.config._attn_implementation
-    enable_varlen_attention(model, None if cfg.attn_backend == "auto" else cfg.attn_backend)
+    default_attn = hf_reference_attention(model)  # prepare_model installed varlen attention for ours
     loss_ours = forward_backward(model, packed, head, loss_fn, device, autocast).item()
     grads_ours = _lora_grads(model)
     model.zero_grad(set_to_none=True)

@@ -57,6 +57,8 @@ class TrainConfig:
     lora_dropout: float = 0.1  # dropout on the adapter's input
     # module names to adapt; "all-linear": every attention and MLP projection (not the lm_head)
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # MoE models: also adapt the routed experts' stacked weights (PEFT target_parameters, without dropout)
+    lora_target_experts: bool = False
 
     # evaluation, logging and checkpoints
     log_every: int = 10  # one progress line every this many steps

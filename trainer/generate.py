@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from trainer.config import ConfigError, load_config
-from trainer.model import ATTN_NAME, load_model
+from trainer.model import ATTN_NAME, native_lora_targets, prepare_model
 
 # End-of-turn tokens of the chat formats this trainer knows: GLM-4 (the next role token), ChatML, Llama 3.
 STOP_TOKENS = ("<|user|>", "<|observation|>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>")
@@ -137,8 +137,9 @@ def load_adapter(path: str | Path, *, device: str | None = None):
     cfg = load_config(
         ["--config", str(path / "train_config.yaml"), *(["--device", device] if device else [])]
     )
-    model, tokenizer = load_model(cfg)
-    model = PeftModel.from_pretrained(model, str(path)).eval()
+    model, tokenizer, _ = prepare_model(cfg, for_training=False)
+    with native_lora_targets():  # the adapter names the model's modules as they are
+        model = PeftModel.from_pretrained(model, str(path)).eval()
     return model, tokenizer, cfg
 
 

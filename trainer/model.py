@@ -1,25 +1,35 @@
-"""Hugging Face causal LMs on packed batches: varlen attention and the decoder's final hidden states.
+"""Hugging Face causal LMs on packed batches: model setup, per-layer varlen attention, the head, LoRA.
 
-The attention part (this first section) registers :func:`kernels.varlen_attention` with
-``transformers.AttentionInterface`` and calls the decoder the padding-free way: ``position_ids``,
-``cu_seq_lens_q/k``, ``max_length_q/k``, ``use_cache=False`` and no ``attention_mask``. On
-transformers 5.x, leaving ``use_cache`` at its default or passing an all-ones 2D mask makes packed
-conversations silently attend to each other; passing cu_seqlens explicitly also saves a GPU->CPU sync
-per layer. The name is not registered as a mask function, so transformers builds no [T, T] mask.
+:func:`prepare_model` is the one place a model is set up (training, ``check``, ``generate`` and the
+benchmarks call it): load it in its dtype on its device, refuse what the project cannot express exactly,
+read the head spec the fused loss needs, install packed attention layer by layer, and wrap it with LoRA.
+
+Packed attention registers :func:`kernels.varlen_attention` with ``transformers.AttentionInterface`` and
+calls the decoder the padding-free way: ``position_ids``, ``cu_seq_lens_q/k``, ``max_length_q/k``,
+``use_cache=False`` and no ``attention_mask``. On transformers 5.x, leaving ``use_cache`` at its default or
+passing an all-ones 2D mask makes packed conversations silently attend to each other; passing cu_seqlens
+explicitly also saves a GPU->CPU sync per layer. The name is not registered as a mask function, so
+transformers builds no [T, T] mask. Each layer's needs (sliding window, logit softcap, sinks) are read
+from the model when attention is installed, a backend is chosen for each and printed once; the model's
+own arguments at run time must agree, so no feature is ever dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import AttentionInterface
 
-from kernels.varlen_attention import select_backend, varlen_attention
+from kernels.varlen_attention import AttentionNeeds, choose_backend, select_backend, varlen_attention
 from trainer.packing import PackedBatch
 
 ATTN_NAME = "tritrain_varlen"
+_NEEDS_ATTR = "_tritrain_attention_needs"  # set on each attention module by enable_varlen_attention
 
 
 def _varlen_attention_forward(
@@ -33,6 +43,7 @@ def _varlen_attention_forward(
     sliding_window: int | None = None,
     softcap: float | None = None,
     is_causal: bool | None = None,
+    s_aux: torch.Tensor | None = None,  # gpt-oss: the layer's sinks, one logit per query head
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: [1, H, T, D] in, ([1, T, Hq, D], None) out."""
@@ -50,12 +61,15 @@ def _varlen_attention_forward(
         )
     if dropout != 0.0:
         raise ValueError(f"{ATTN_NAME} attention does not support attention dropout ({dropout}); set it to 0")
-    if sliding_window is not None or softcap is not None:
-        raise ValueError(
-            f"{ATTN_NAME} attention does not support sliding_window={sliding_window} / softcap={softcap}; "
-            "disable them in the model config or use another attention implementation"
-        )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    planned = getattr(module, _NEEDS_ATTR, None)
+    asked = (causal, sliding_window, softcap, s_aux is not None)
+    if planned is not None and (planned.causal, planned.window, planned.softcap, planned.sinks) != asked:
+        raise RuntimeError(
+            f"{type(module).__name__} {getattr(module, 'layer_idx', '')}: attention was planned as "
+            f"({planned.features()}) but the model asks for causal={causal}, window={sliding_window}, "
+            f"softcap={softcap}, sinks={s_aux is not None}; this model's attention is not supported"
+        )
     out = varlen_attention(
         query[0].transpose(0, 1),  # [T, Hq, D]; last dim stays contiguous
         key[0].transpose(0, 1),
@@ -64,13 +78,16 @@ def _varlen_attention_forward(
         int(max_seqlen),
         causal=causal,
         softmax_scale=scaling,
+        window=sliding_window,
+        softcap=softcap,
+        sinks=s_aux,
     )
     return out.unsqueeze(0), None
 
 
 def register_varlen_attention(backend: str | None = None) -> str:
-    """Select the varlen backend (see ``kernels.varlen_attention.select_backend``) and register the
-    attention function with ``transformers.AttentionInterface``; return its name, :data:`ATTN_NAME`."""
+    """Select how varlen backends are chosen (``kernels.varlen_attention.select_backend``) and register
+    the attention function with ``transformers.AttentionInterface``; return its name, :data:`ATTN_NAME`."""
     select_backend(backend)
     AttentionInterface.register(ATTN_NAME, _varlen_attention_forward)
     return ATTN_NAME
@@ -81,8 +98,60 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def enable_varlen_attention(model: torch.nn.Module, backend: str | None = None) -> None:
-    """Switch a loaded (possibly PEFT-wrapped) transformers model to packed varlen attention."""
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def attention_modules(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+    """(layer index, attention module) of every decoder layer, in order."""
+    found = [
+        (m.layer_idx, m)
+        for name, m in _base_model(model).named_modules()
+        if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)
+    ]
+    return sorted(found, key=lambda pair: pair[0])
+
+
+def layer_needs(module: torch.nn.Module, config, dtype: torch.dtype, device: torch.device) -> AttentionNeeds:
+    """What one attention layer asks of the kernel, read from the module as its forward reads it:
+    ``module.sliding_window`` (set per layer from ``config.layer_types``) or ``config.sliding_window``
+    (Mistral, Phi-3), ``module.attn_logit_softcapping`` (Gemma 2), ``module.sinks`` (gpt-oss)."""
+    window = getattr(module, "sliding_window", getattr(config, "sliding_window", None))
+    softcap = getattr(module, "attn_logit_softcapping", None)
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+    head_dim = getattr(module, "head_dim", None) or config.hidden_size // heads
+    return AttentionNeeds(
+        head_dim=head_dim, dtype=dtype, device=device.type, causal=getattr(module, "is_causal", True),
+        window=window, softcap=softcap, sinks=isinstance(getattr(module, "sinks", None), torch.Tensor),
+        gqa=kv_heads is not None and kv_heads != heads,
+    )  # fmt: skip
+
+
+def hf_reference_attention(model: torch.nn.Module) -> str:
+    """transformers' own attention that computes every layer exactly: eager where a layer has a logit
+    softcap or sinks (sdpa has neither), sdpa otherwise (it takes sliding windows as a mask)."""
+    for _, module in attention_modules(model):
+        if getattr(module, "attn_logit_softcapping", None) or isinstance(
+            getattr(module, "sinks", None), torch.Tensor
+        ):
+            return "eager"
+    return "sdpa"
+
+
+def _layer_ranges(indices: list[int]) -> str:
+    spans, start = [], None
+    for i, idx in enumerate(indices):
+        start = idx if start is None else start
+        if i + 1 == len(indices) or indices[i + 1] != idx + 1:
+            spans.append(f"{start}" if start == idx else f"{start}-{idx}")
+            start = None
+    return ",".join(spans)
+
+
+def enable_varlen_attention(model: torch.nn.Module, backend: str | None = None, *, log=None) -> list[str]:
+    """Switch a loaded (possibly PEFT-wrapped) transformers model to packed varlen attention: choose a
+    backend for each layer from what it needs, remember the needs on the module (the forward checks
+    them), and return the choices as lines (also passed to ``log`` when given: print once at start)."""
     name = register_varlen_attention(backend)
     base = _base_model(model)
     if not getattr(base, "_supports_attention_backend", False):
@@ -90,13 +159,30 @@ def enable_varlen_attention(model: torch.nn.Module, backend: str | None = None) 
             f"{type(base).__name__} does not dispatch attention through transformers.AttentionInterface; "
             "packing needs a model that does (Llama, Qwen2/3, GLM-4 ...)"
         )
+    config = _text_config(base.config)
+    weight = base.get_input_embeddings().weight
+    groups: dict[tuple[str, str], list[int]] = {}
+    for idx, module in attention_modules(base):
+        needs = layer_needs(module, config, weight.dtype, weight.device)
+        setattr(module, _NEEDS_ATTR, needs)
+        groups.setdefault((choose_backend(needs), needs.features()), []).append(idx)
+    if not groups:
+        raise ValueError(f"{type(base).__name__}: no attention layer with a layer_idx found; not supported")
     base.set_attn_implementation(name)
     if base.config._attn_implementation != name:
         raise RuntimeError(f"{type(base).__name__} refused attention implementation {name!r}")
+    lines = [
+        f"attention layers {_layer_ranges(indices)}: {chosen} ({features})"
+        for (chosen, features), indices in groups.items()
+    ]
+    for line in lines if log is not None else ():
+        log(line)
+    return lines
 
 
 def decoder_hidden_states(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
-    """Final (post-norm) hidden states ``[1, T, H]`` of the decoder on a packed batch; no logits.
+    """The head's input ``[1, T, H]`` on a packed batch: the decoder's final (post-norm) hidden states,
+    times the head's logit scale when the model has one (:func:`head_scale`); no logits.
 
     Works on PEFT-wrapped models (LoRA layers live inside the decoder's modules) and with gradient
     checkpointing (the varlen keyword arguments travel through each checkpointed layer).
@@ -117,11 +203,11 @@ def decoder_hidden_states(model: torch.nn.Module, batch: PackedBatch) -> torch.T
         max_length_k=batch.max_seqlen,
         use_cache=False,
     )
-    return out.last_hidden_state
+    scale = head_scale(base)
+    return out.last_hidden_state if scale == 1.0 else out.last_hidden_state * scale
 
 
 # ------------------------------------------------------------------------------------ loading and LoRA
-# (trainer/train.py's part: the model, its dtype and device, the LoRA adapter and the lm_head spec)
 
 DEMO_MODEL_CONFIG = Path(__file__).parent / "assets" / "demo_model.json"
 
@@ -141,15 +227,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def load_model(cfg) -> tuple[torch.nn.Module, object]:
+def load_model(cfg, device: str | None = None) -> tuple[torch.nn.Module, object]:
     """(model, tokenizer) for ``cfg.model``: ``demo`` builds a small random GLM-4 (transformers' ``glm4``)
     from ``assets/demo_model.json`` sized to the built-in tokenizer, seeded by ``cfg.seed``; anything
-    else goes to ``AutoModelForCausalLM.from_pretrained``. Weights in ``cfg.dtype`` on ``cfg.device``."""
+    else goes to ``AutoModelForCausalLM.from_pretrained``. Weights in ``cfg.dtype`` on ``device`` (default
+    ``cfg.device``)."""
     from transformers import AutoModelForCausalLM, Glm4Config, Glm4ForCausalLM
 
     from trainer.data import load_tokenizer
 
-    device = resolve_device(cfg.device)
+    device = resolve_device(device or cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     _check_model_path(cfg.model)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
@@ -174,20 +261,62 @@ def _check_model_path(name: str) -> None:
         raise ValueError("no such directory; give a Hugging Face model directory, a hub id, or demo")
 
 
+@contextlib.contextmanager
+def native_lora_targets():
+    """PEFT rewrites the targets of some MoE models (Mixtral, Qwen2/3-MoE, GLM-4.5, ...) for adapters
+    trained on transformers 4, where the experts were nn.Linear: a dense ``down_proj`` (or ``gate``)
+    target then also adapts every expert's stacked weight (or the router). Targets here name modules
+    and parameters of the model as it is, so that rewrite is switched off while an adapter is attached."""
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+    except ImportError:  # a PEFT without the rewrite
+        yield
+        return
+    saved = conversion.convert_peft_config_for_transformers
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = saved
+
+
+def expert_parameters(model: torch.nn.Module) -> list[str]:
+    """PEFT ``target_parameters`` for the stacked expert weights of an MoE model (3-D parameters of a
+    module named ``experts``, e.g. ``experts.gate_up_proj``, ``experts.down_proj``); [] for dense ones."""
+    names = set()
+    for name, p in _base_model(model).named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        if p.ndim == 3 and owner.rsplit(".", 1)[-1] == "experts":
+            names.add(f"experts.{leaf}")
+    return sorted(names)
+
+
 def apply_lora(model: torch.nn.Module, cfg) -> torch.nn.Module:
-    """Freeze the model and wrap it with a PEFT LoRA adapter (adapter weights stay fp32 under bf16)."""
+    """Freeze the model and wrap it with a PEFT LoRA adapter (adapter weights stay fp32 under bf16).
+
+    ``all-linear`` adapts every nn.Linear but the lm_head: attention and dense MLP projections, an MoE
+    model's shared experts; its routed experts are stacked parameters, adapted only with
+    ``cfg.lora_target_experts`` (PEFT parameter targeting, which has no dropout: ``cfg.lora_dropout``
+    then applies to the module targets only)."""
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.lora_target_modules
+    experts = expert_parameters(model) if cfg.lora_target_experts else []
+    if cfg.lora_target_experts and not experts:
+        raise ValueError(
+            f"lora_target_experts: {type(_base_model(model)).__name__} has no stacked expert weights to adapt"
+        )
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
+        lora_dropout=0.0 if experts else cfg.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
+        target_parameters=experts or None,
         task_type="CAUSAL_LM",
     )
     try:
-        model = get_peft_model(model, lora)
+        with native_lora_targets():
+            model = get_peft_model(model, lora)
     except ValueError as e:  # PEFT: "Target modules {...} not found in the base model"
         raise ValueError(f"lora_target_modules {targets}: {' '.join(str(e).split())}") from None
     if type(model.get_base_model().get_output_embeddings()) is not torch.nn.Linear:
@@ -195,30 +324,54 @@ def apply_lora(model: torch.nn.Module, cfg) -> torch.nn.Module:
             "lora_target_modules adapts the lm_head; the fused loss needs a plain frozen lm_head, "
             "so remove it from lora_target_modules"
         )
+    if experts and cfg.lora_dropout:
+        _module_dropout(model, cfg.lora_dropout)
     return model
 
 
-# Config attributes that make logits something other than lm_head(h) (softcapped): the fused loss cannot
-# express them (Cohere's logit_scale, Granite's logits_scaling, MiniCPM's width scaling, ...).
-_LOGIT_SCALERS = (
-    "logit_scale",
-    "logits_scaling",
-    "scale_width",
-    "output_multiplier_scale",
-    "mup_width_scale",
-)
+def _module_dropout(model: torch.nn.Module, p: float) -> None:
+    """Dropout ``p`` on the adapter input of every nn.Linear LoRA layer (the expert wrappers keep none)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            for name in module.lora_dropout:
+                module.lora_dropout[name] = torch.nn.Dropout(p)
 
 
-def lm_head_spec(
-    model: torch.nn.Module, check: bool = True
-) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
+# ------------------------------------------------------------------------------------------------ the head
+
+
+class HeadSpec(NamedTuple):
+    """What the fused loss needs: logits = softcap(h @ weight.T + bias), h = decoder_hidden_states(...)."""
+
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None  # [V] or None
+    softcap: float | None  # final logit softcap (Gemma 2/3) or None
+
+
+# Config attributes that make logits something other than a scaled lm_head(h), softcapped: the fused loss
+# cannot express them (MiniCPM's width scaling, ...).
+_LOGIT_TRANSFORMS = ("scale_width", "output_multiplier_scale", "mup_width_scale")
+
+
+def head_scale(model: torch.nn.Module) -> float:
+    """The one multiply between lm_head and the logits, folded into the hidden states: Cohere's
+    ``logit_scale`` (logits * s), Granite's ``logits_scaling`` (logits / s); 1.0 for other models."""
+    config = _text_config(_base_model(model).config)
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    return scale / float(getattr(config, "logits_scaling", None) or 1.0)
+
+
+def lm_head_spec(model: torch.nn.Module, check: bool = True) -> HeadSpec:
     """(weight [V, H], bias [V] or None, softcap or None) such that the model's logits are
-    ``softcap * tanh((h @ weight.T + bias) / softcap)`` of the final hidden states h.
+    ``softcap * tanh((h @ weight.T + bias) / softcap)`` of h, the final hidden states times
+    :func:`head_scale` (what :func:`decoder_hidden_states` returns).
 
     Tied embeddings need nothing special (the head's weight is the embedding matrix). Gemma 2/3's
     ``final_logit_softcapping`` becomes ``softcap``. A head the loss kernel cannot express is refused
-    with ``ValueError``; with ``check`` the formula is also verified against the model's own logits on
-    a few tokens, so an unknown transformation of the logits is caught rather than trained on.
+    with ``ValueError`` naming the config field; with ``check`` the formula is also verified against the
+    model's own logits on a few tokens, so an unknown transformation of the logits is caught.
     """
     base = _base_model(model)
     head = base.get_output_embeddings()
@@ -226,16 +379,18 @@ def lm_head_spec(
         raise ValueError(
             f"lm_head is a {type(head).__name__}, not a plain nn.Linear; the fused loss cannot express it"
         )
-    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    for name in _LOGIT_SCALERS:
+    config = _text_config(base.config)
+    for name in _LOGIT_TRANSFORMS:
         value = getattr(config, name, None)
         if value not in (None, 1, 1.0):
             raise ValueError(
                 f"{config.model_type}: config.{name}={value} rescales the logits, which the fused loss "
                 "does not express; this model is not supported"
             )
+    if head_scale(base) != 1.0 and head.bias is not None:
+        raise ValueError(f"{config.model_type}: a logit scale with an lm_head bias is not supported")
     softcap = getattr(config, "final_logit_softcapping", None) or None
-    spec = (head.weight, head.bias, float(softcap) if softcap else None)
+    spec = HeadSpec(head.weight, head.bias, float(softcap) if softcap else None)
     if check:
         _check_lm_head(base, *spec)
     return spec
@@ -243,14 +398,14 @@ def lm_head_spec(
 
 @torch.no_grad()
 def _check_lm_head(base, weight, bias, softcap) -> None:
-    """Compare softcap(h @ W.T + b) with the model's logits on 8 tokens, default attention, eval mode."""
+    """Compare softcap(scale * h @ W.T + b) with the model's logits on 8 tokens, default attention."""
     if base.config._attn_implementation == ATTN_NAME:
         raise ValueError("call lm_head_spec(model) before enable_varlen_attention(model)")
     was_training = base.training
     base.eval()
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, weight.shape[0], (1, 8), generator=generator).to(weight.device)
-    hidden = base.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+    hidden = base.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state * head_scale(base)
     theirs = base(input_ids=ids, use_cache=False).logits.float()
     mine = torch.nn.functional.linear(hidden, weight, bias).float()
     if softcap is not None:
@@ -263,3 +418,71 @@ def _check_lm_head(base, weight, bias, softcap) -> None:
             f"{' softcapped' if softcap else ''} (max relative difference {err:.3g}); the fused loss "
             "cannot express this head, so this model is not supported"
         )
+
+
+# ----------------------------------------------------------------------------------------- one setup
+
+# Attention config fields the packed path cannot express, with why: refused at start, never dropped.
+_UNSUPPORTED_ATTENTION = {
+    "attention_chunk_size": "chunked local attention",
+    "use_alibi": "ALiBi position biases",
+    "alibi": "ALiBi position biases",
+}
+
+
+def check_attention_supported(model: torch.nn.Module, *, for_training: bool = True) -> None:
+    """Refuse, in one line naming the config field, an attention the packed path cannot run exactly."""
+    config = _text_config(_base_model(model).config)
+    for name, what in _UNSUPPORTED_ATTENTION.items():
+        if getattr(config, name, None):
+            raise ValueError(
+                f"{config.model_type}: config.{name}={getattr(config, name)} ({what}) is not supported "
+                "by packed varlen attention"
+            )
+    qk, v = getattr(config, "qk_head_dim", None), getattr(config, "v_head_dim", None)
+    if qk is not None and v is not None and qk != v:
+        raise ValueError(
+            f"{config.model_type}: config.v_head_dim={v} differs from config.qk_head_dim={qk}; "
+            "packed varlen attention needs one head dim"
+        )
+    dropout = getattr(config, "attention_dropout", 0.0) or 0.0
+    if for_training and dropout:
+        raise ValueError(
+            f"{config.model_type}: config.attention_dropout={dropout}; packed varlen attention has no "
+            "dropout: set attention_dropout to 0 in the model's config"
+        )
+
+
+def _say(line: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, flush=True)
+
+
+def prepare_model(cfg, *, device=None, for_training=True, model=None, log=_say):
+    """(model, tokenizer, head): the one model setup of training, ``check``, ``generate`` and benchmarks.
+
+    Loads ``cfg.model`` (or takes ``model``, already built, then tokenizer is ``cfg.tokenizer``'s or None)
+    in ``cfg.dtype`` on ``device`` (default ``cfg.device``), refuses an attention or a head the project
+    cannot express exactly, and reads the head spec (:func:`lm_head_spec`, checked against the model's
+    own logits). ``for_training``: install packed varlen attention layer by layer (the backend chosen for
+    each is passed to ``log`` once), gradient checkpointing when ``cfg.gradient_checkpointing``, and the
+    LoRA adapter (:func:`apply_lora`). Otherwise the model keeps its own attention, in eval mode, with
+    no adapter (``generate`` loads one)."""
+    if model is None:
+        model, tokenizer = load_model(cfg, device)
+    else:
+        from trainer.data import load_tokenizer
+
+        target = resolve_device(device or cfg.device)
+        model = model.to(device=target, dtype=resolve_dtype(cfg.dtype, target))
+        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    check_attention_supported(model, for_training=for_training)
+    head = lm_head_spec(model)
+    if not for_training:
+        return model.eval(), tokenizer, head
+    enable_varlen_attention(model, None if cfg.attn_backend == "auto" else cfg.attn_backend, log=log)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_lora(model, cfg)
+    model.train()
+    return model, tokenizer, head

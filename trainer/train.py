@@ -27,14 +27,7 @@ from tqdm import tqdm
 from kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
 from trainer.config import TrainConfig, config_to_dict, save_config
 from trainer.distributed import ONE_PROCESS, World, close_world, init_world
-from trainer.model import (
-    apply_lora,
-    decoder_hidden_states,
-    enable_varlen_attention,
-    lm_head_spec,
-    load_model,
-    resolve_dtype,
-)
+from trainer.model import decoder_hidden_states, prepare_model, resolve_dtype
 from trainer.packing import PackedBatch, collate_packed, epoch_rows, make_packed_batches, pack
 
 
@@ -202,7 +195,7 @@ def find_checkpoint(cfg: TrainConfig) -> Path | None:
 # Settings that decide which rows a step sees: resuming with other values would replay different data.
 RESUME_MUST_MATCH = ("model", "train_file", "template", "loss_on", "max_length", "overlong",
                      "max_tokens", "grad_accum", "epochs", "max_steps", "seed", "lora_r",
-                     "lora_target_modules")  # fmt: skip
+                     "lora_target_modules", "lora_target_experts")  # fmt: skip
 
 
 def load_checkpoint(path: Path, cfg: TrainConfig, model, optimizer, scheduler, world_size: int = 1) -> dict:
@@ -324,17 +317,11 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
 
-    # model: load, check the head, packed attention, LoRA
+    # model: load, check the head, packed attention per layer, LoRA
     try:
-        model, tokenizer = load_model(cfg)
-        head = lm_head_spec(model)
-        enable_varlen_attention(model, None if cfg.attn_backend == "auto" else cfg.attn_backend)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = apply_lora(model, cfg)
+        model, tokenizer, head = prepare_model(cfg, log=say)
     except (ValueError, OSError) as e:  # unsupported model or head, missing path, bad LoRA target
         raise TrainingError(f"model {cfg.model}: {' '.join(str(e).split())}") from e
-    model.train()
     device = head[0].device
     dtype = resolve_dtype(cfg.dtype, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()

@@ -10,7 +10,7 @@ from transformers import (
 )
 
 from trainer.config import load_config
-from trainer.model import apply_lora, lm_head_spec, load_model
+from trainer.model import apply_lora, head_scale, lm_head_spec, load_model
 
 SMALL = dict(
     vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -25,7 +25,7 @@ def _tiny(cls, config_cls, **extra):
 
 def _logits_from_spec(model, ids):
     weight, bias, softcap = lm_head_spec(model, check=False)
-    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state * head_scale(model)
     logits = torch.nn.functional.linear(hidden, weight, bias)
     return softcap * torch.tanh(logits / softcap) if softcap else logits
 
@@ -51,9 +51,20 @@ def test_gemma2_softcap_matches_the_model_logits():
         torch.testing.assert_close(_logits_from_spec(model, ids), model(input_ids=ids).logits)
 
 
-def test_logit_scaling_is_refused():
-    model = _tiny(GraniteForCausalLM, GraniteConfig, logits_scaling=8.0)
-    with pytest.raises(ValueError, match="logits_scaling=8.0 rescales the logits"):
+@pytest.mark.parametrize("logits_scaling", [8.0, 0.25])
+def test_granite_logits_scaling_is_folded_into_the_hidden_states(logits_scaling):
+    model = _tiny(GraniteForCausalLM, GraniteConfig, logits_scaling=logits_scaling).eval()
+    assert head_scale(model) == 1 / logits_scaling
+    lm_head_spec(model)  # checked against the model's own logits
+    ids = torch.arange(10).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(_logits_from_spec(model, ids), model(input_ids=ids).logits)
+
+
+def test_unexpressible_logit_scaling_is_refused_naming_the_field():
+    model = _tiny(LlamaForCausalLM, LlamaConfig)
+    model.config.mup_width_scale = 0.5
+    with pytest.raises(ValueError, match=r"config.mup_width_scale=0.5 rescales the logits"):
         lm_head_spec(model)
 
 

@@ -1,0 +1,213 @@
+"""`check`'s comparison on tiny random models of every supported architecture.
+
+Each model is built from its transformers config (hidden 64, 2 layers, the demo tokenizer's vocabulary)
+with its attention features switched on: sliding windows shorter than the conversations, Gemma 2's
+attention and final softcaps, gpt-oss's sinks, Cohere's logit scale, Granite's logits scaling, SmolLM3's
+NoPE layers, MoE layers. ``run_check`` then compares our packed/varlen/fused loss and LoRA gradients
+with transformers' own padded path in fp32. Dropping a window, a softcap or the sinks from the packed
+path makes the same comparison fail, so the tolerance is tight enough to see them.
+"""
+
+import functools
+import importlib
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import trainer.check as check_module
+import trainer.model as model_module
+from trainer.check import run_check
+from trainer.config import load_config
+from trainer.data import load_tokenizer
+from trainer.train import train
+
+WINDOW = 24  # keys; the conversations (max_length 160) are 56-160 tokens long, so every window cuts
+COMMON = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, max_position_embeddings=1024, attention_dropout=0.0, initializer_range=0.1,
+)  # fmt: skip
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+TWO_KINDS = ["sliding_attention", "full_attention"]
+ARCHS = {
+    "llama": {},
+    "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    "qwen3": {},
+    "qwen3_moe": dict(num_experts=4, **MOE),
+    "mistral": dict(sliding_window=WINDOW),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
+    "gemma": {},
+    "gemma2": dict(sliding_window=WINDOW, attn_logit_softcapping=1.0, final_logit_softcapping=2.0),
+    "gemma3_text": dict(sliding_window=WINDOW, layer_types=TWO_KINDS),
+    "glm": {},
+    "glm4": {},
+    "glm4_moe": dict(
+        n_routed_experts=4, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1, **MOE
+    ),
+    "phi3": dict(sliding_window=WINDOW),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW, layer_types=TWO_KINDS),
+    "cohere2": dict(sliding_window=WINDOW, layer_types=TWO_KINDS, logit_scale=0.5),
+    "olmo2": {},
+    "smollm3": dict(no_rope_layers=[1, 0]),  # layer 1 has no rotary embedding
+    "granite": dict(logits_scaling=4.0, attention_multiplier=0.2, embedding_multiplier=2.0),
+}
+FAST = ["--device", "cpu", "--tokenizer", "demo", "--max-tokens", "320", "--max-length", "160"]
+
+
+def tiny_model(arch: str, *, seed: int = 0) -> torch.nn.Module:
+    vocab = len(load_tokenizer("demo"))
+    config = AutoConfig.for_model(arch, vocab_size=vocab, pad_token_id=0, eos_token_id=0, bos_token_id=0,
+                                  **{**COMMON, **ARCHS[arch]})  # fmt: skip
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).float()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(getattr(module, "sinks", None), torch.Tensor):  # so that the sinks matter
+                module.sinks.copy_(torch.linspace(-1.0, 2.0, module.sinks.numel()))
+    return model
+
+
+def _check(monkeypatch, arch: str, *argv: str, num_batches: int = 1) -> dict:
+    """run_check on the tiny model of ``arch`` (prepare_model is handed the built model)."""
+    model = tiny_model(arch)
+    monkeypatch.setattr(
+        check_module, "prepare_model", functools.partial(model_module.prepare_model, model=model)
+    )
+    cfg = load_config([*FAST, "--model", f"tiny-{arch}", "--lora-dropout", "0", *argv])
+    return run_check(cfg, num_batches=num_batches)
+
+
+# Unmarked: one model per feature (windows, mixed layers, both softcaps, sinks + MoE, logit scales, NoPE,
+# MoE); the others (plain attention, covered feature-wise by these) are slow.
+FEATURED = {"mistral", "gemma2", "gemma3_text", "gpt_oss", "cohere2", "granite", "smollm3", "qwen3_moe"}
+ALL = [a if a in FEATURED else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS]
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_check_passes(monkeypatch, arch):
+    r = _check(monkeypatch, arch)
+    assert r["passed"], r
+    assert r["conversations"] >= 2 and r["loss_tokens"] > 0 and r["worst_param"]
+
+
+def _drop(feature: str):
+    """The packed path with one feature silently dropped: the defect the dispatcher must never have."""
+    real = model_module.varlen_attention
+
+    def dropped(*args, **kwargs):
+        return real(*args, **{**kwargs, feature: None})
+
+    return dropped
+
+
+@pytest.mark.parametrize(
+    "arch, feature",
+    [("mistral", "window"), ("gemma2", "softcap"), ("gpt_oss", "sinks"), ("gemma3_text", "window")],
+)
+def test_check_fails_when_a_feature_is_dropped(monkeypatch, arch, feature):
+    monkeypatch.setattr(model_module, "varlen_attention", _drop(feature))
+    r = _check(monkeypatch, arch)
+    assert not r["passed"], r
+    assert max(r["loss_rel_diff"], r["grad_rel_diff"]) > 10 * r["tolerance"]
+
+
+def test_the_plan_names_each_layer_kind(monkeypatch, capsys):
+    lines = model_module.enable_varlen_attention(tiny_model("gpt_oss"), "auto")
+    assert lines == [
+        f"attention layers 0: reference (causal, window {WINDOW}, sinks)",
+        "attention layers 1: reference (causal, sinks)",
+    ]
+    lines = model_module.enable_varlen_attention(tiny_model("gemma2"), "reference")
+    assert lines == [
+        f"attention layers 0: reference (causal, window {WINDOW}, softcap 1)",
+        "attention layers 1: reference (causal, softcap 1)",
+    ]
+
+
+def test_forced_backend_without_a_layer_feature_is_refused_at_start(monkeypatch):
+    va = importlib.import_module("kernels.varlen_attention")  # the package attribute is the function
+    monkeypatch.setitem(va._unavailable_cache, "torch_varlen", None)  # as if installed, with a GPU
+    with pytest.raises(RuntimeError, match="'torch_varlen' cannot run this layer"):
+        model_module.enable_varlen_attention(tiny_model("gemma2"), "torch_varlen")
+
+
+def test_planned_and_asked_features_must_agree():
+    model = tiny_model("mistral")
+    model_module.enable_varlen_attention(model, "auto")
+    model.config.sliding_window = 7  # what the forward passes now differs from what was planned
+    ids = torch.arange(10)[None]
+    with pytest.raises(RuntimeError, match="planned as .*window 24.* asks for .*window=7"):
+        model.model(input_ids=ids, position_ids=ids, cu_seq_lens_q=torch.tensor([0, 10], dtype=torch.int32),
+                    cu_seq_lens_k=torch.tensor([0, 10], dtype=torch.int32), max_length_q=10, max_length_k=10,
+                    use_cache=False)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("attention_chunk_size", 64, "config.attention_chunk_size=64 \\(chunked local attention\\)"),
+        ("attention_dropout", 0.1, "config.attention_dropout=0.1"),
+    ],
+)
+def test_unexpressible_attention_is_refused_naming_the_field(field, value, message):
+    model = tiny_model("llama")
+    setattr(model.config, field, value)
+    with pytest.raises(ValueError, match=message):
+        model_module.check_attention_supported(model)
+
+
+# ----------------------------------------------------------------------------------------- MoE and LoRA
+
+
+def _adapted(model) -> set[str]:
+    return {n.split(".base_layer")[0] for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe", "mixtral", "gpt_oss"])
+def test_default_lora_targets_on_moe_adapt_attention_and_dense_projections(arch):
+    cfg = load_config([*FAST, "--model", "x"])  # default targets (all-linear) and dropout (0.1)
+    model = model_module.apply_lora(tiny_model(arch), cfg)
+    adapted = {n.rsplit(".lora_", 1)[0].split("base_model.model.")[-1] for n in _adapted(model)}
+    assert not any(".experts." in n and "shared" not in n for n in adapted), adapted
+    assert not any(n.endswith(("mlp.gate", "router")) for n in adapted), adapted
+    kinds = {n.rsplit(".", 1)[-1] for n in adapted}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj"} <= kinds
+    if arch == "glm4_moe":  # its dense first layer and shared experts are nn.Linear
+        assert "model.layers.0.mlp.down_proj" in adapted
+        assert "model.layers.1.mlp.shared_experts.down_proj" in adapted
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_expert_targets_with_dropout(arch):
+    cfg = load_config([*FAST, "--model", "x", "--lora-target-experts", "true", "--lora-dropout", "0.1"])
+    model = model_module.apply_lora(tiny_model(arch), cfg)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("experts" in n for n in names) and any("q_proj" in n for n in names)
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p == 0.1]
+    assert len(dropouts) >= 4 * COMMON["num_hidden_layers"]  # every attention projection keeps its dropout
+
+
+def test_expert_targets_on_a_dense_model_are_refused():
+    cfg = load_config([*FAST, "--model", "x", "--lora-target-experts", "true"])
+    with pytest.raises(ValueError, match="lora_target_experts: LlamaForCausalLM has no stacked expert"):
+        model_module.apply_lora(tiny_model("llama"), cfg)
+
+
+def test_check_passes_with_expert_targets(monkeypatch):
+    r = _check(monkeypatch, "qwen3_moe", "--lora-target-experts", "true")
+    assert r["passed"], r
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_one_training_step_with_default_lora_targets(monkeypatch, tmp_path, arch):
+    model = tiny_model(arch)
+    import trainer.train as train_module
+
+    monkeypatch.setattr(
+        train_module, "prepare_model", functools.partial(model_module.prepare_model, model=model)
+    )
+    argv = ["--model", f"tiny-{arch}", "--max-steps", "1", "--val-file", "", "--output-dir", str(tmp_path)]
+    cfg = load_config([*FAST, *argv])
+    result = train(cfg)
+    assert result["steps"] == 1 and torch.isfinite(torch.tensor(result["first_loss"]))
+    assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
