@@ -1,13 +1,14 @@
-"""Packed (varlen) attention vs padded SDPA, forward + backward, on a realistic conversation length mix.
+"""Packed (varlen) attention, forward + backward: the project's Triton kernel against every installed backend.
 
     python -m pytest bench/bench_varlen_attention.py --benchmark-only
 
-Lengths are log-normal (sigma 0.8, long right tail), as in chat SFT data. Providers, in one run:
-``varlen`` (kernels.varlen_attention with the backend it selects: flash-attn, torch varlen_attn, or the
-reference on CPU), ``varlen_ref`` (per-segment SDPA reference) and ``padded_sdpa`` (the batch right-padded
-to its longest conversation, causal SDPA; the pad_collate baseline). ``extra_info`` holds real tokens/s and
-TFLOP/s over the real-token causal FLOP floor. GPU: 64 conversations, mean ~700 tokens, Hq=32, Hkv=8,
-D=128, bf16. CPU: a smaller mix, fp32.
+GPU: rows of 8k, 16k and 64k tokens packed with conversations of log-normal lengths (mean 700, sigma 0.8,
+long right tail, as in chat SFT data), Hq=32, Hkv=8, D=128, bf16. Providers, in one run: ``triton``
+(kernels.flash_varlen), each installed backend of kernels.varlen_attention (``flash_attn``,
+``flash_attn_cute``, ``torch_varlen``, ``reference``) and ``padded_sdpa`` (the row's conversations
+right-padded to the longest, causal SDPA; the pad_collate baseline). ``extra_info`` holds real tokens/s and
+TFLOP/s over the real-token causal FLOP floor. Without a GPU the timed cases skip and
+``test_triton_matches_reference`` checks the Triton kernel at a tiny size under the interpreter.
 
 ``test_packing_efficiency`` packs the synthetic dataset (trainer.assets.synthetic, encoded with the demo
 tokenizer) at max_tokens=16384 and records real tokens / slots for packing and for padded batches of 64.
@@ -15,6 +16,7 @@ tokenizer) at max_tokens=16384 and records real tokens / slots for packing and f
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -23,16 +25,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import varlen_attention, varlen_attention_ref
-from kernels.varlen_attention import current_backend
-from trainer.packing import pack, packing_efficiency, pad_collate
-
 CUDA = torch.cuda.is_available()
+if not CUDA:  # the Triton kernel runs through the interpreter; set before kernels are imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from benchutil import git_commit  # noqa: E402
+from kernels.flash_varlen import flash_varlen_attention, flash_varlen_attention_ref  # noqa: E402
+from trainer.packing import pack, packing_efficiency, pad_collate  # noqa: E402
+
+va = importlib.import_module("kernels.varlen_attention")  # the backends, by name
 DEVICE = "cuda" if CUDA else "cpu"
-if CUDA:
-    N_CONV, MEAN_TOKENS, HQ, HKV, D, DTYPE = 64, 700, 32, 8, 128, torch.bfloat16
-else:
-    N_CONV, MEAN_TOKENS, HQ, HKV, D, DTYPE = 16, 160, 4, 2, 32, torch.float32
+HQ, HKV, D, DTYPE = 32, 8, 128, torch.bfloat16
+ROW_TOKENS = (8192, 16384, 65536)
+PROVIDERS = ("triton", *va.BACKENDS, "padded_sdpa")
 
 
 def lognormal_lengths(n, mean, *, sigma=0.8, seed=0, low=16, high=None):
@@ -41,9 +46,12 @@ def lognormal_lengths(n, mean, *, sigma=0.8, seed=0, low=16, high=None):
     return np.clip(rng.lognormal(mu, sigma, n), low, high or 16 * mean).astype(int).tolist()
 
 
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
+def row_lengths(row_tokens, mean=700, seed=0):
+    """Conversation lengths filling one packed row of exactly row_tokens tokens (the last one cut)."""
+    lengths = lognormal_lengths(4 * row_tokens // mean + 16, mean, seed=seed, high=row_tokens)
+    cum = np.cumsum(lengths)
+    n = int(np.searchsorted(cum, row_tokens))
+    return [*lengths[:n], row_tokens - int(cum[n - 1] if n else 0)]
 
 
 def _causal_flops(lengths):
@@ -51,16 +59,23 @@ def _causal_flops(lengths):
     return sum(3.5 * 2 * L * L * D * HQ for L in lengths)
 
 
+def _packed_fn(provider):
+    if provider == "triton":
+        return lambda q, k, v, cu, m: flash_varlen_attention(q, k, v, cu, m)
+    reason = va._unavailable_reason(provider)
+    if reason:
+        pytest.skip(f"{provider}: {reason}")
+    return lambda q, k, v, cu, m: va._IMPLS[provider](q, k, v, cu, m, True, None)
+
+
 def _make_inputs(lengths, provider):
     g = torch.Generator().manual_seed(0)
     t = sum(lengths)
-    q = torch.randn(t, HQ, D, generator=g)
-    k = torch.randn(t, HKV, D, generator=g)
-    v = torch.randn(t, HKV, D, generator=g)
+    q, k, v = (torch.randn(t, h, D, generator=g) for h in (HQ, HKV, HKV))
     if provider != "padded_sdpa":
+        fn = _packed_fn(provider)
         cu = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32, device=DEVICE)
         leaves = [x.to(DEVICE, DTYPE).requires_grad_() for x in (q, k, v)]
-        fn = varlen_attention if provider == "varlen" else varlen_attention_ref
         return leaves, lambda: fn(*leaves, cu, max(lengths))
     # right-pad each conversation to the longest: [B, H, L, D]; causal SDPA is exact for the real rows
     width, starts = max(lengths), np.cumsum([0, *lengths[:-1]])
@@ -73,9 +88,14 @@ def _make_inputs(lengths, provider):
     return padded, lambda: F.scaled_dot_product_attention(*padded, is_causal=True, enable_gqa=HKV != HQ)
 
 
-@pytest.mark.parametrize("provider", ["varlen", "varlen_ref", "padded_sdpa"])
-def test_attention_fwd_bwd(benchmark, provider):
-    lengths = lognormal_lengths(N_CONV, MEAN_TOKENS)
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="times GPU kernels; on CPU only test_triton_matches_reference runs")
+@pytest.mark.parametrize("row_tokens", ROW_TOKENS)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_attention_fwd_bwd(benchmark, provider, row_tokens):
+    if provider == "reference" and row_tokens > 16384:
+        pytest.skip("the per-conversation reference is only timed on the smaller rows")
+    lengths = row_lengths(row_tokens)
     leaves, forward = _make_inputs(lengths, provider)
     grad = None
 
@@ -87,22 +107,43 @@ def test_attention_fwd_bwd(benchmark, provider):
         if grad is None:
             grad = torch.randn_like(out)
         out.backward(grad)
-        _sync()
+        torch.cuda.synchronize()
 
-    benchmark.pedantic(step, rounds=10 if CUDA else 5, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(step, rounds=10, warmup_rounds=2, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: ran once, nothing timed
+        return
     seconds = benchmark.stats.stats.mean
     real = sum(lengths)
     slots = real if provider != "padded_sdpa" else len(lengths) * max(lengths)
     benchmark.extra_info.update(
         provider=provider,
-        backend=current_backend() if provider == "varlen" else provider,
-        device=torch.cuda.get_device_name() if CUDA else "cpu",
-        shape=f"n={N_CONV} mean={MEAN_TOKENS} Hq={HQ} Hkv={HKV} D={D} {str(DTYPE).removeprefix('torch.')}",
+        device=torch.cuda.get_device_name(),
+        commit=git_commit(),
+        shape=f"row={row_tokens} n={len(lengths)} max={max(lengths)} Hq={HQ} Hkv={HKV} D={D} bf16",
         real_tokens=real,
         computed_slots=slots,
         real_tokens_per_s=round(real / seconds),
         tflops_over_real_floor=round(_causal_flops(lengths) / seconds / 1e12, 4),
     )
+
+
+def test_triton_matches_reference():
+    """Smoke check on any device: the Triton kernel and its reference agree, forward and backward."""
+    lengths, hq, hkv, d = ([5, 40, 1, 19], 4, 2, 64) if not CUDA else (row_lengths(8192), HQ, HKV, D)
+    dtype = torch.float32 if not CUDA else DTYPE
+    g = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32, device=DEVICE)
+    base = [torch.randn(sum(lengths), h, d, generator=g).to(DEVICE, dtype) for h in (hq, hkv, hkv)]
+    results = []
+    for fn in (flash_varlen_attention, flash_varlen_attention_ref):
+        leaves = [x.clone().requires_grad_() for x in base]
+        out = fn(*leaves, cu, max(lengths), window=33, softcap=20.0)
+        out.backward(torch.ones_like(out))
+        results.append([out.float(), *(x.grad.float() for x in leaves)])
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results, strict=True):
+        err = ((a - b).abs().max() / b.abs().max().clamp_min(0.1)).item()
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
 
 
 def _synthetic_encoded(n):

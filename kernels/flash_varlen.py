@@ -47,20 +47,20 @@ def _tanh(x):
 
 
 @triton.jit
-def _dot(a, b, UPCAST_DOT: tl.constexpr):
-    # Triton's interpreter multiplies bf16 tiles as their raw uint16 bits; it gets fp32 copies instead,
-    # which is exact (a bf16 x bf16 product fits in fp32, as on tensor cores).
-    if UPCAST_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b)
+def _dot(a, b, DOT_DTYPE: tl.constexpr):
+    # DOT_DTYPE is the input dtype (the casts vanish), except under Triton's interpreter, which multiplies
+    # bf16 tiles as their raw uint16 bits: there fp32, which is exact (bf16 x bf16 fits in fp32).
+    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
 
 
 @triton.jit
 def _scores(qk, sm_scale, softcap, SOFTCAP: tl.constexpr):
     """Raw q·k -> scores in log2 units, softcapped when SOFTCAP."""
     if SOFTCAP:
-        return (softcap * LOG2E) * _tanh(qk * (sm_scale / softcap))
-    return qk * (sm_scale * LOG2E)
+        s = (softcap * LOG2E) * _tanh(qk * (sm_scale / softcap))
+    else:
+        s = qk * (sm_scale * LOG2E)
+    return s
 
 
 @triton.jit
@@ -107,7 +107,7 @@ def _fwd_kernel(
     head_dim, group, sm_scale, softcap, window_left, window_right,
     # meta
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):  # fmt: skip
     pid_m, seq, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(cu_seqlens + seq)
@@ -138,7 +138,7 @@ def _fwd_kernel(
         kv_rows = (start + cols).to(tl.int64)
         kv_mask = _tile_mask(cols < seqlen, offs_d, head_dim, EVEN_D)
         k = tl.load(_tile(k_base, kv_rows, stride_kt, offs_d), mask=kv_mask, other=0.0)
-        s = _scores(_dot(q, tl.trans(k), UPCAST_DOT), sm_scale, softcap, SOFTCAP)
+        s = _scores(_dot(q, tl.trans(k), DOT_DTYPE), sm_scale, softcap, SOFTCAP)
         edge = (n0 + BLOCK_N > seqlen) | (n0 + BLOCK_N - 1 > m0 + window_right)
         edge |= n0 <= m0 + BLOCK_M - 1 - window_left
         if edge:
@@ -148,7 +148,7 @@ def _fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(_tile(v_base, kv_rows, stride_vt, offs_d), mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_DTYPE)
         m_i = m_new
 
     out = acc / l_i[:, None]
@@ -167,7 +167,7 @@ def _bwd_dq_kernel(
     head_dim, group, sm_scale, softcap, window_left, window_right,
     # meta
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):  # fmt: skip
     pid_m, seq, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(cu_seqlens + seq)
@@ -200,16 +200,16 @@ def _bwd_dq_kernel(
         kv_mask = _tile_mask(cols < seqlen, offs_d, head_dim, EVEN_D)
         k = tl.load(_tile(k_base, kv_rows, stride_kt, offs_d), mask=kv_mask, other=0.0)
         v = tl.load(_tile(v_base, kv_rows, stride_vt, offs_d), mask=kv_mask, other=0.0)
-        s = _scores(_dot(q, tl.trans(k), UPCAST_DOT), sm_scale, softcap, SOFTCAP)
+        s = _scores(_dot(q, tl.trans(k), DOT_DTYPE), sm_scale, softcap, SOFTCAP)
         p = tl.exp2(s - lse[:, None])
         edge = (n0 + BLOCK_N > seqlen) | (n0 + BLOCK_N - 1 > m0 + window_right)
         edge |= n0 <= m0 + BLOCK_M - 1 - window_left
         if edge:
             p = tl.where(_band_mask(offs_m, cols, seqlen, window_left, window_right), p, 0.0)
-        ds = p * (_dot(do, tl.trans(v), UPCAST_DOT) - delta[:, None])
+        ds = p * (_dot(do, tl.trans(v), DOT_DTYPE) - delta[:, None])
         if SOFTCAP:
             ds = ds * _softcap_grad(s, softcap)
-        dq += _dot(ds.to(k.dtype), k, UPCAST_DOT)
+        dq += _dot(ds.to(k.dtype), k, DOT_DTYPE)
 
     tl.store(_tile(dQ + h * stride_dqh, rows, stride_dqt, offs_d), dq * sm_scale, mask=q_mask)
 
@@ -225,7 +225,7 @@ def _bwd_dkdv_kernel(
     head_dim, group, sm_scale, softcap, window_left, window_right,
     # meta
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):  # fmt: skip
     pid_n, seq, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(cu_seqlens + seq)
@@ -258,18 +258,18 @@ def _bwd_dkdv_kernel(
             lse = tl.load(Lse + h * stride_lh + rows, mask=qi < seqlen, other=0.0)
             delta = tl.load(Delta + h * stride_lh + rows, mask=qi < seqlen, other=0.0)
             # transposed scores [BLOCK_N, BLOCK_M]: keys along rows
-            s = _scores(_dot(k, tl.trans(q), UPCAST_DOT), sm_scale, softcap, SOFTCAP)
+            s = _scores(_dot(k, tl.trans(q), DOT_DTYPE), sm_scale, softcap, SOFTCAP)
             p = tl.exp2(s - lse[None, :])
             edge = (m0 + BLOCK_M > seqlen) | (n0 + BLOCK_N - 1 > m0 + window_right)
             edge |= n0 <= m0 + BLOCK_M - 1 - window_left
             if edge:
                 allowed = tl.trans(_band_mask(qi, offs_n, seqlen, window_left, window_right))
                 p = tl.where(allowed & (qi < seqlen)[None, :], p, 0.0)
-            dv += _dot(p.to(do.dtype), do, UPCAST_DOT)
-            ds = p * (_dot(v, tl.trans(do), UPCAST_DOT) - delta[None, :])
+            dv += _dot(p.to(do.dtype), do, DOT_DTYPE)
+            ds = p * (_dot(v, tl.trans(do), DOT_DTYPE) - delta[None, :])
             if SOFTCAP:
                 ds = ds * _softcap_grad(s, softcap)
-            dk += _dot(ds.to(q.dtype), q, UPCAST_DOT)
+            dk += _dot(ds.to(q.dtype), q, DOT_DTYPE)
 
     tl.store(_tile(dK + hk * stride_dkh, kv_rows, stride_dkt, offs_d), dk * sm_scale, mask=kv_mask)
     tl.store(_tile(dV + hk * stride_dvh, kv_rows, stride_dvt, offs_d), dv, mask=kv_mask)
@@ -295,15 +295,13 @@ def _config(kernel: str, block_d: int) -> tuple[int, int, int, int]:
     """
     if _interpreting():
         return {"fwd": (32, 16, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1)}[kernel]
+    small = {"fwd": (128, 64, 8, 3), "dq": (64, 32, 4, 2), "dkdv": (32, 32, 4, 2)}[kernel]
     table = {
-        "fwd": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3),
-                256: (64, 64, 4, 2)},
-        "dq": {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 4, 3), 128: (128, 32, 8, 3),
-               256: (64, 32, 4, 2)},
-        "dkdv": {16: (32, 128, 4, 3), 32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (32, 128, 8, 3),
-                 256: (32, 64, 4, 2)},
-    }  # fmt: skip
-    return table[kernel][block_d]
+        "fwd": {128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
+        "dq": {128: (64, 32, 4, 2), 256: (32, 32, 4, 2)},
+        "dkdv": {128: (32, 64, 8, 2), 256: (32, 32, 8, 1)},
+    }[kernel]
+    return table.get(block_d, small)
 
 
 _KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel}
@@ -315,6 +313,7 @@ _POINTERS = {
 }
 _FP32_POINTERS = ("Sinks", "Lse", "Delta")
 _FLOAT_ARGS = ("sm_scale", "softcap")
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 _TL_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -347,7 +346,7 @@ def compile_specs() -> list[dict]:
                     for softcap in (False, True):
                         block_m, block_n, warps, stages = _config(kernel, block_d)
                         constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
-                                      "EVEN_D": even_d, "SOFTCAP": softcap, "UPCAST_DOT": False}  # fmt: skip
+                                      "EVEN_D": even_d, "SOFTCAP": softcap, "DOT_DTYPE": _TL_DTYPES[dtype]}  # fmt: skip
                         sig = _signature(kernel, dtype, constexprs)
                         specs.append({
                             "name": f"{kernel}_{_TL_NAMES[dtype]}_d{block_d}{'' if even_d else 'pad'}"
@@ -372,12 +371,12 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
 
 
 def _options(block_d, head_dim, softcap, dtype):
-    upcast = _interpreting() and dtype == torch.bfloat16
+    dot_dtype = tl.float32 if _interpreting() and dtype == torch.bfloat16 else _TL_DTYPES[dtype]
     return {
         "BLOCK_D": block_d,
         "EVEN_D": block_d == head_dim,
         "SOFTCAP": softcap is not None,
-        "UPCAST_DOT": upcast,
+        "DOT_DTYPE": dot_dtype,
     }
 
 
