@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import varlen_attention, varlen_attention_ref
-from kernels.varlen_attention import current_backend
+from kernels.varlen_attention import AttentionNeeds, choose_backend
 from trainer.packing import pack, packing_efficiency, pad_collate
 
 CUDA = torch.cuda.is_available()
@@ -95,7 +95,9 @@ def test_attention_fwd_bwd(benchmark, provider):
     slots = real if provider != "padded_sdpa" else len(lengths) * max(lengths)
     benchmark.extra_info.update(
         provider=provider,
-        backend=current_backend() if provider == "varlen" else provider,
+        backend=choose_backend(AttentionNeeds(D, DTYPE, DEVICE, gqa=HQ != HKV))
+        if provider == "varlen"
+        else provider,
         device=torch.cuda.get_device_name() if CUDA else "cpu",
         shape=f"n={N_CONV} mean={MEAN_TOKENS} Hq={HQ} Hkv={HKV} D={D} {str(DTYPE).removeprefix('torch.')}",
         real_tokens=real,
