@@ -155,6 +155,7 @@ def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window
 
 def _triton(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window, softcap, sinks):
     fn = _import_triton()
+    sinks = None if sinks is None else sinks.float()  # its interface takes fp32 sinks; the grad flows back
     return fn(
         q, k, v, cu_seqlens, max_seqlen,
         causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap, sinks=sinks,

@@ -211,3 +211,22 @@ def test_one_training_step_with_default_lora_targets(monkeypatch, tmp_path, arch
     result = train(cfg)
     assert result["steps"] == 1 and torch.isfinite(torch.tensor(result["first_loss"]))
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_saved_moe_adapter_loads_back_onto_the_same_modules(tmp_path):
+    from peft import PeftModel
+
+    cfg = load_config([*FAST, "--model", "x", "--lora-dropout", "0"])
+    model = model_module.apply_lora(tiny_model("glm4_moe"), cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path)
+    with model_module.native_lora_targets():
+        loaded = PeftModel.from_pretrained(tiny_model("glm4_moe"), str(tmp_path)).eval()
+    lora = [{n for n, _ in m.named_parameters() if "lora_" in n} for m in (model, loaded)]
+    assert lora[0] == lora[1] and not any(".experts." in n and "shared" not in n for n in lora[1])
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -10,7 +10,7 @@ from transformers import (
 )
 
 from trainer.config import load_config
-from trainer.model import apply_lora, head_scale, lm_head_spec, load_model
+from trainer.model import ATTN_NAME, apply_lora, head_scale, lm_head_spec, load_model, prepare_model
 
 SMALL = dict(
     vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -100,3 +100,17 @@ def test_demo_model_is_glm4_sized_to_the_tokenizer_and_seeded():
     adapted = {n.split(".")[-1] for n, m in lora.named_modules() if hasattr(m, "lora_A")}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"}
     assert all("lora_" in n for n, p in lora.named_parameters() if p.requires_grad)
+
+
+def test_prepare_model_for_training_and_for_inference():
+    cfg = load_config(["--device", "cpu"])
+    lines = []
+    model, tokenizer, head = prepare_model(cfg, log=lines.append)
+    base = model.get_base_model()
+    assert lines == ["attention layers 0-3: reference (causal)"]  # the choice, printed once
+    assert base.config._attn_implementation == ATTN_NAME and model.training
+    assert head.weight is base.lm_head.weight and head.softcap is None
+    assert len(tokenizer) == base.config.vocab_size
+    plain, _, _ = prepare_model(cfg, for_training=False, log=lines.append)
+    assert plain.config._attn_implementation != ATTN_NAME and not plain.training
+    assert not hasattr(plain, "peft_config") and len(lines) == 1
