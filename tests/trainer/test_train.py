@@ -182,6 +182,13 @@ def test_resume_after_interrupt_gives_identical_losses(tmp_path, monkeypatch, ho
     out = tmp_path / "b" / "out"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000003", f"checkpoint-{done:06d}"]
     monkeypatch.setattr(train_module, "micro_batch_loss_sum", real)
+    real_load = torch.load
+
+    def load_onto_cpu(*a, **k):  # every rank would otherwise load onto the GPU the state was saved from
+        assert k.get("map_location") == "cpu", k
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(torch, "load", load_onto_cpu)
     resumed = train(_cfg(tmp_path / "b", *args, "--resume", "auto"))["losses"]
     assert resumed == full[done:]  # fp32 on CPU: bit-identical
     logged = [r["loss"] for r in _lines(out / "metrics.jsonl") if "loss" in r]
