@@ -188,12 +188,16 @@ class FullySharded(Single):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        options = _state_options(full=False)
-        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        model_state, optim_state = get_state_dict(model, optimizer, options=_state_options(full=False))
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=directory / SHARDED_STATE)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=options)  # fmt: skip
+        # not strict: the frozen base is not in the checkpoint; every trainable weight must be
+        options = _state_options(full=False, strict=False)
+        missing, _ = set_state_dict(model, optimizer, model_state_dict=state["model"],
+                                    optim_state_dict=state["optim"], options=options)  # fmt: skip
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        if lost := trainable & set(missing):
+            raise ValueError(f"{directory}: no saved value for {sorted(lost)[0]} ({len(lost)} weights)")
 
     def adapter_state(self, model):
         """The LoRA weights gathered whole onto rank 0's CPU (a collective: every rank calls it)."""
@@ -203,11 +207,11 @@ class FullySharded(Single):
         return state if self.world.is_main else None
 
 
-def _state_options(full: bool):
+def _state_options(full: bool, strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # frozen base weights are never saved: they come from the model directory
-    return StateDictOptions(full_state_dict=full, cpu_offload=full, ignore_frozen_params=True)
+    return StateDictOptions(full_state_dict=full, cpu_offload=full, ignore_frozen_params=True, strict=strict)
 
 
 def make_strategy(parallel: str, world: World, *, compute_dtype=torch.float32, cpu_offload=False) -> Single:

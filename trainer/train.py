@@ -45,10 +45,12 @@ from trainer.model import (
     enable_varlen_attention,
     lm_head_spec,
     load_model,
+    resolve_device,
     resolve_dtype,
 )
 from trainer.packing import PackedBatch, collate_packed, epoch_rows, make_packed_batches, pack
 from trainer.parallel import Single, load_cpu, make_strategy
+from trainer.quantize import load_nf4
 
 
 class TrainingError(RuntimeError):
@@ -358,7 +360,9 @@ class Run:
 def setup_model(cfg: TrainConfig):
     """(model, tokenizer, the head's softcap): the model with packed attention and LoRA."""
     try:
-        model, tokenizer = load_model(cfg)
+        model, tokenizer = (
+            load_nf4(cfg, resolve_device(cfg.device)) if cfg.quantize == "nf4" else load_model(cfg)
+        )
         _, _, softcap = lm_head_spec(model)
         enable_varlen_attention(model, None if cfg.attn_backend == "auto" else cfg.attn_backend)
         if cfg.gradient_checkpointing:
@@ -385,8 +389,10 @@ def setup(cfg: TrainConfig, world: World) -> Run:
     out = Path(cfg.output_dir)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    if cfg.parallel == "fsdp" and cfg.save_merged and world.size > 1:
-        raise TrainingError("save_merged with parallel: fsdp: merge final/ afterwards on one process")
+    if cfg.parallel == "fsdp" and world.size > 1 and (cfg.save_merged or cfg.quantize != "none"):
+        setting = "save_merged" if cfg.save_merged else f"quantize: {cfg.quantize}"
+        raise TrainingError(f"{setting} with parallel: fsdp is not supported; use parallel: ddp "
+                            "(or merge final/ afterwards on one process)")  # fmt: skip
 
     model, tokenizer, softcap = setup_model(cfg)
     flops = FlopCounter(model)  # the whole model, before any sharding
