@@ -626,14 +626,11 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     run = setup(cfg, world)
     resume(run)
     state = run.state
-    run.say(
-        f"model {cfg.model}: {run.flops.total / 1e6:.1f}M parameters, "
-        f"{sum(p.numel() for p in run.params) / 1e6:.2f}M trainable (LoRA r={cfg.lora_r}), {run.dtype} on "
-        f"{run.device}; {len(run.bins)} packed rows per epoch, {run.total_steps} steps of {cfg.grad_accum} "
-        f"rows" + (f" on each of {world.size} processes ({run.strategy.name})" if world.size > 1 else "")
-    )
+    run.say(_summary(run))
     progress = Progress(run)
-    last_saved, last_eval, stop_reason = state["step"], None, "done"
+    # a run resumed at its last step may have evaluated there already
+    evaluated = [r["step"] for r in run.records if "val_loss" in r]
+    last_saved, last_eval, stop_reason = state["step"], (evaluated or [None])[-1], "done"
     bar = tqdm(total=run.total_steps, initial=state["step"], desc="train", dynamic_ncols=True,
                disable=not world.is_main)  # fmt: skip
     interrupt = _GracefulInterrupt()
@@ -682,6 +679,16 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     bar.close()
     progress.flush()
     return finish(run, stop_reason, last_eval, last_saved)
+
+
+def _summary(run: Run) -> str:
+    cfg, world = run.cfg, run.world
+    return (
+        f"model {cfg.model}: {run.flops.total / 1e6:.1f}M parameters, "
+        f"{sum(p.numel() for p in run.params) / 1e6:.2f}M trainable (LoRA r={cfg.lora_r}), {run.dtype} on "
+        f"{run.device}; {len(run.bins)} packed rows per epoch, {run.total_steps} steps of {cfg.grad_accum} "
+        f"rows" + (f" on each of {world.size} processes ({run.strategy.name})" if world.size > 1 else "")
+    )
 
 
 def finish(run: Run, stop_reason: str, last_eval: int | None, last_saved: int) -> dict:

@@ -267,11 +267,11 @@ def test_fsdp_resumes_after_kill_9_on_two_nodes(runs):
     killed = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 90
-    while not (out / "checkpoint-000002").exists() and killed.poll() is None and time.monotonic() < deadline:
+    while not (out / "checkpoint-000001").exists() and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     os.killpg(killed.pid, signal.SIGKILL)  # torchrun and both trainers, no chance to clean up
     killed.wait()
-    assert (out / "checkpoint-000002").exists() and not (out / "final").exists()
+    assert (out / "checkpoint-000001").exists() and not (out / "final").exists()
 
     endpoint = f"127.0.0.1:{_free_port()}"
     logs = [tmp / f"node{i}.log" for i in range(2)]
