@@ -29,6 +29,9 @@ class TrainConfig:
     attn_backend: str = "auto"  # varlen attention backend; "auto": the first available (trainer/model.py)
     loss_backend: str = "fused"  # "fused": masked_linear_cross_entropy; "reference": plain torch, to compare
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    parallel: str = "ddp"  # under torchrun: "ddp" (a full copy per GPU) or "fsdp" (weights sharded, FSDP2)
+    fsdp_cpu_offload: bool = False  # fsdp: keep the sharded weights and optimizer state in CPU memory
+    quantize: str = "none"  # "nf4": frozen base weights in 4 bits through bitsandbytes (QLoRA); "none"
 
     # data
     train_file: str = "demo"  # JSONL of {"messages": [...]}; "demo": the built-in sample conversations
@@ -159,6 +162,8 @@ def _check(cfg: TrainConfig) -> None:
         "overlong": ("drop", "truncate"),  # as trainer/data.py accepts
         "loss_on": ("all", "last"),
         "template": ("glm4", "chat_template"),
+        "parallel": ("ddp", "fsdp"),
+        "quantize": ("none", "nf4"),
     }
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:

@@ -468,7 +468,11 @@ def prepare_model(cfg, *, device=None, for_training=True, model=None, log=_say):
     each is passed to ``log`` once), gradient checkpointing when ``cfg.gradient_checkpointing``, and the
     LoRA adapter (:func:`apply_lora`). Otherwise the model keeps its own attention, in eval mode, with
     no adapter (``generate`` loads one)."""
-    if model is None:
+    if model is None and getattr(cfg, "quantize", "none") == "nf4":
+        from trainer.quantize import load_nf4
+
+        model, tokenizer = load_nf4(cfg, resolve_device(device or cfg.device))
+    elif model is None:
         model, tokenizer = load_model(cfg, device)
     else:
         from trainer.data import load_tokenizer

@@ -3,12 +3,22 @@
 One optimizer step = ``grad_accum`` packed rows per process. Its loss is the sum of the per-token losses
 of every target token of those rows on every process divided by their total number (DESIGN.md, loss
 normalization), so the gradients do not depend on how conversations were packed or split across
-micro-batches and processes. Under torchrun every process trains on its share of each step's rows
-(trainer/distributed.py); rank 0 alone prints, logs and saves.
+micro-batches and processes. How the processes share the work (one process, data parallel, FSDP) is
+the strategy's business (trainer/parallel.py); rank 0 alone prints, logs and saves.
+
+A step never waits for the device: the non-finite skip is decided on the device (AdamW's ``found_inf``,
+as GradScaler does), and the step's loss and gradient norm stay there until a logging step reads all
+the pending ones at once. With several processes, reading the all-reduced Ctrl-C flag is the step's one
+synchronisation.
+
+Reading order: the step, evaluation, checkpoints, then the run: ``setup`` (model, data, optimizer),
+``resume``, the loop in ``_train`` (``train_step``, ``Progress``, ``run_eval``, ``save_checkpoint``),
+``finish``.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -17,7 +27,9 @@ import shutil
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,9 +38,10 @@ from tqdm import tqdm
 
 from kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
 from trainer.config import TrainConfig, config_to_dict, save_config
-from trainer.distributed import ONE_PROCESS, World, close_world, init_world
+from trainer.distributed import World, close_world, init_world
 from trainer.model import decoder_hidden_states, prepare_model, resolve_dtype
 from trainer.packing import PackedBatch, collate_packed, epoch_rows, make_packed_batches, pack
+from trainer.parallel import Single, load_cpu, make_strategy
 
 
 class TrainingError(RuntimeError):
@@ -38,53 +51,96 @@ class TrainingError(RuntimeError):
 # ----------------------------------------------------------------------------------------- the step
 
 
+@dataclass
+class LiveHead:
+    """The lm_head as the fused loss needs it, read when the loss is computed: under FSDP the module's
+    weight is a shard except inside ``strategy.unsharded(module)``, so no reference is kept."""
+
+    module: torch.nn.Module  # the model's output embeddings (an nn.Linear)
+    softcap: float | None
+    strategy: Single = field(default_factory=Single)
+
+    @contextmanager
+    def weights(self):
+        with self.strategy.unsharded(self.module):
+            yield self.module.weight, self.module.bias, self.softcap
+
+
+def _head_weights(head):
+    """``head``: a LiveHead, or a (weight, bias, softcap) tuple taken from a model that is not wrapped."""
+    return head.weights() if isinstance(head, LiveHead) else nullcontext(head)
+
+
 def micro_batch_loss_sum(model, batch: PackedBatch, head, loss_fn) -> torch.Tensor:
     """Sum of the per-token cross-entropies of one packed row; the model never computes logits."""
-    weight, bias, softcap = head
     hidden = decoder_hidden_states(model, batch)[0].index_select(0, batch.loss_index)
-    return loss_fn(hidden, weight, batch.loss_targets, bias=bias, reduction="sum", softcap=softcap)
+    with _head_weights(head) as (weight, bias, softcap):
+        return loss_fn(hidden, weight, batch.loss_targets, bias=bias, reduction="sum", softcap=softcap)
 
 
 def forward_backward(
-    model, micro_batches: list[PackedBatch], head, loss_fn, device, autocast, *, num_loss_tokens: int = 0
-):
+    model, micro_batches: list[PackedBatch], head, loss_fn, device, autocast, *, num_loss_tokens: int = 0,
+    weights: list[float] | None = None,
+):  # fmt: skip
     """Accumulate the gradients of one optimizer step; return its loss (a 0-dim tensor, no sync).
-    ``num_loss_tokens``: target tokens of the whole step (all ranks); 0: those of ``micro_batches``."""
+    ``num_loss_tokens``: target tokens of the whole step (all ranks); 0: those of ``micro_batches``.
+    ``weights``: per micro-batch factor of its loss (0: a pass that only keeps FSDP's collectives in
+    step); None: all 1."""
     num_loss_tokens = max(1, num_loss_tokens or sum(b.num_loss_tokens for b in micro_batches))
+    weights = weights or [1.0] * len(micro_batches)
     total = torch.zeros((), device=device)
-    for batch in micro_batches:
+    for batch, weight in zip(micro_batches, weights, strict=True):
         with autocast:
-            loss_sum = micro_batch_loss_sum(model, batch.to(device), head, loss_fn)
+            loss_sum = micro_batch_loss_sum(model, batch.to(device), head, loss_fn) * weight
         (loss_sum / num_loss_tokens).backward()
         total += loss_sum.detach().float()
     return total / num_loss_tokens
 
 
-def data_parallel_step(
-    model, group: list[PackedBatch], head, loss_fn, device, autocast, world=ONE_PROCESS, interrupt=False
+def parallel_step(
+    model, group: list[PackedBatch], head, loss_fn, device, autocast, strategy, interrupt=False
 ):
     """One optimizer step's gradients over the rows of ``group`` (the step's rows of every rank): this rank
-    trains on rows rank, rank + size, ... with the loss divided by the target tokens of the whole group,
-    then the gradients are summed over the ranks. Returns (the step's loss, whether any rank asked to
-    stop); every rank ends with the same gradients, loss and answer."""
+    trains on its share (``strategy.share``) with the loss divided by the target tokens of the whole
+    group, then the strategy sums the gradients over the ranks. Returns (the step's loss, whether any
+    rank asked to stop); every rank ends with the same loss and answer."""
     num_loss_tokens = sum(b.num_loss_tokens for b in group)  # of every rank, known on the host: no sync
-    mine = group[world.rank :: world.size]
-    loss = forward_backward(model, mine, head, loss_fn, device, autocast, num_loss_tokens=num_loss_tokens)
+    mine = strategy.share(group)
+    loss = forward_backward(model, [b for b, _ in mine], head, loss_fn, device, autocast,
+                            num_loss_tokens=num_loss_tokens, weights=[w for _, w in mine])  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
-    return world.all_reduce_step(params, loss, interrupt)
+    return strategy.reduce(params, loss, interrupt)
+
+
+def data_parallel_step(model, group, head, loss_fn, device, autocast, world, interrupt=False):
+    """``parallel_step`` under plain data parallel over ``world`` (kept for callers of the old name)."""
+    return parallel_step(
+        model, group, head, loss_fn, device, autocast, make_strategy("ddp", world), interrupt
+    )
+
+
+def fused_loss(backend: str):
+    """The masked loss ``backend`` names. The trainer hands it compacted rows with labels checked on the
+    host, so the fused kernel may skip its own check (and its host sync) where it offers that."""
+    if backend != "fused":
+        return masked_linear_cross_entropy_ref
+    if "assume_valid" in inspect.signature(masked_linear_cross_entropy).parameters:
+        return partial(masked_linear_cross_entropy, assume_valid=True)
+    return masked_linear_cross_entropy
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[PackedBatch], head, loss_fn, device, autocast, world=ONE_PROCESS) -> float:
-    """Mean per-token loss over all target tokens of ``batches``; each rank computes every
-    ``world.size``-th row and the sums are added up, so every rank returns the same number."""
+def evaluate(model, batches: list[PackedBatch], head, loss_fn, device, autocast, strategy=None) -> float:
+    """Mean per-token loss over all target tokens of ``batches``; each rank computes its share of the
+    rows and the sums are added up, so every rank returns the same number."""
+    strategy = strategy or Single()
     model.eval()
     total = torch.zeros((), device=device, dtype=torch.float64)
-    for batch in batches[world.rank :: world.size]:
+    for batch, weight in strategy.share(batches):
         with autocast:
-            total += micro_batch_loss_sum(model, batch.to(device), head, loss_fn).double()
+            total += micro_batch_loss_sum(model, batch.to(device), head, loss_fn).double() * weight
     model.train()
-    return world.sum(total).item() / max(1, sum(b.num_loss_tokens for b in batches))
+    return strategy.sum(total).item() / max(1, sum(b.num_loss_tokens for b in batches))
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -116,22 +172,38 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
+def _numel(p: torch.Tensor) -> int:
+    """Elements of the whole weight: a DTensor's numel is global already; a 4-bit weight is packed."""
+    quant_state = getattr(p, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else p.numel()
+
+
+class FlopCounter:
+    """Model FLOPs of LoRA steps, from the whole model's size (taken once, whatever the sharding or
+    quantisation): 4 per frozen matmul weight per token (forward and input gradient, no weight gradient)
+    plus causal attention (forward + 2x backward); the head only on target rows."""
+
+    def __init__(self, model):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = base.config
+        self.head = _numel(base.get_output_embeddings().weight)
+        embed = _numel(base.get_input_embeddings().weight)
+        self.total = sum(_numel(p) for p in base.parameters())
+        self.body = self.total - self.head - embed
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.attention = 3 * 2 * 2 * config.num_attention_heads * head_dim * config.num_hidden_layers
+
+    def step(self, lengths: list[list[int]], num_loss_tokens: int) -> float:
+        """FLOPs of one step over rows of conversations with these ``lengths`` (host ints, no sync)."""
+        tokens = sum(sum(row) for row in lengths)
+        attention = self.attention * sum(n * n / 2 for row in lengths for n in row)
+        return 4 * self.body * tokens + 4 * self.head * num_loss_tokens + attention
+
+
 def step_flops(model, micro_batches: list[PackedBatch]) -> float:
-    """Model FLOPs of one LoRA step: 4 per frozen matmul weight per token (forward and input gradient,
-    no weight gradient) plus causal attention (forward + 2x backward); the head only on target rows."""
-    base = model.get_base_model()
-    config = base.config
-    head = base.get_output_embeddings().weight.numel()
-    embed = base.get_input_embeddings().weight.numel()
-    body = sum(p.numel() for p in base.parameters()) - head - embed
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    width = config.num_attention_heads * head_dim
-    flops = 0.0
-    for b in micro_batches:
-        lengths = (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist()
-        attention = 3 * 2 * 2 * width * sum(n * n / 2 for n in lengths) * config.num_hidden_layers
-        flops += 4 * body * b.num_tokens + 4 * head * b.num_loss_tokens + attention
-    return flops
+    """FLOPs of one step over packed rows (reads their boundaries; the loop uses FlopCounter)."""
+    lengths = [(b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist() for b in micro_batches]
+    return FlopCounter(model).step(lengths, sum(b.num_loss_tokens for b in micro_batches))
 
 
 # -------------------------------------------------------------------------------------- checkpoints
@@ -140,10 +212,19 @@ def step_flops(model, micro_batches: list[PackedBatch]) -> float:
 def _atomic_dir(final: Path, write) -> None:
     """write(tmp) into a temporary directory, then rename it to ``final``: a crash mid-save leaves the
     previous ``final`` (or none), never a half-written one."""
+    tmp = _tmp_dir(final)
+    write(tmp)
+    _publish(tmp, final)
+
+
+def _tmp_dir(final: Path) -> Path:
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    return tmp
+
+
+def _publish(tmp: Path, final: Path) -> None:
     old = final.with_name(f".old-{final.name}")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -152,32 +233,46 @@ def _atomic_dir(final: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_adapter(model, tokenizer, cfg: TrainConfig, path: Path) -> None:
+def _sharded_save(world: World, final: Path, write) -> None:
+    """Every rank calls write(tmp) into one temporary directory; after a barrier rank 0 renames it to
+    ``final``, so a crash of any rank mid-save leaves the previous ``final`` (or none)."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    if world.is_main:
+        _tmp_dir(final)
+    world.barrier()
+    write(tmp)
+    world.barrier()
+    if world.is_main:
+        _publish(tmp, final)
+    world.barrier()
+
+
+def save_adapter(model, tokenizer, cfg: TrainConfig, path: Path, state_dict: dict | None = None) -> None:
+    """A standard PEFT adapter directory (rank 0 only); ``state_dict``: the adapter gathered whole."""
+
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, save_embedding_layers=False)
+        extra = {} if state_dict is None else {"state_dict": state_dict}
+        model.save_pretrained(tmp, save_embedding_layers=False, **extra)
         tokenizer.save_pretrained(tmp)
         save_config(cfg, tmp / "train_config.yaml")
 
     _atomic_dir(path, write)
 
 
-def save_checkpoint(model, tokenizer, optimizer, scheduler, state: dict, cfg: TrainConfig, out: Path) -> Path:
-    path = out / f"checkpoint-{state['step']:06d}"
+def rng_state(device: torch.device) -> dict:
+    """This process's random state: CPU, Python, and only its own GPU (not one per visible GPU)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, save_embedding_layers=False)
-        save_config(cfg, tmp / "train_config.yaml")
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
-            tmp / "trainer_state.pt",
-        )
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
 
-    _atomic_dir(path, write)
-    return path
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore ``rng_state``'s result; the GPU state goes to this process's GPU, whatever its index was."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def find_checkpoint(cfg: TrainConfig) -> Path | None:
@@ -195,37 +290,433 @@ def find_checkpoint(cfg: TrainConfig) -> Path | None:
 # Settings that decide which rows a step sees: resuming with other values would replay different data.
 RESUME_MUST_MATCH = ("model", "train_file", "template", "loss_on", "max_length", "overlong",
                      "max_tokens", "grad_accum", "epochs", "max_steps", "seed", "lora_r",
-                     "lora_target_modules", "lora_target_experts")  # fmt: skip
+                     "lora_target_modules", "lora_target_experts", "parallel")  # fmt: skip
 
 
-def load_checkpoint(path: Path, cfg: TrainConfig, model, optimizer, scheduler, world_size: int = 1) -> dict:
-    """Every rank loads the same checkpoint, so every rank resumes in the same state."""
+def check_resume_settings(path: Path, cfg: TrainConfig) -> None:
     saved_cfg = yaml.safe_load((path / "train_config.yaml").read_text())
     for key in RESUME_MUST_MATCH:
-        if saved_cfg.get(key) != getattr(cfg, key):
+        saved = saved_cfg.get(key, getattr(TrainConfig, key, None))  # keys newer than the checkpoint
+        if saved != getattr(cfg, key):
             raise TrainingError(
-                f"resume: {path} was made with {key}={saved_cfg.get(key)!r}, this run has "
+                f"resume: {path} was made with {key}={saved!r}, this run has "
                 f"{getattr(cfg, key)!r}; use the same setting or start a fresh output_dir"
             )
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
-    saved = torch.load(path / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["rng"]["torch"])
-    random.setstate(saved["rng"]["python"])
-    if "cuda" in saved["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+
+# ---------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, built once by ``setup``."""
+
+    cfg: TrainConfig
+    world: World
+    strategy: Single
+    model: torch.nn.Module
+    tokenizer: object
+    head: LiveHead
+    loss_fn: object
+    device: torch.device
+    dtype: torch.dtype
+    autocast: object
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    flops: FlopCounter
+    train_data: list
+    bins: list
+    val_batches: list
+    rows_per_step: int
+    total_steps: int
+    out: Path
+    # what a checkpoint carries: step = optimizer steps done, (epoch, row) = next packed row
+    state: dict = field(default_factory=dict)
+    records: list = field(default_factory=list)  # metrics.jsonl, this run's and the resumed run's
+    losses: list = field(default_factory=list)  # every step of this run, in order
+    updating: bool = False  # inside an optimizer update: an interrupt now cannot save a checkpoint
+
+    def say(self, line: str) -> None:
+        if self.world.is_main:
+            tqdm.write(line)
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+        if self.world.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def setup_model(cfg: TrainConfig, say=print):
+    """(model, tokenizer, the head's softcap): the model with packed attention per layer and LoRA."""
+    try:
+        model, tokenizer, head = prepare_model(cfg, log=say)
+    except (ValueError, OSError) as e:  # unsupported model or head, missing path, bad LoRA target
+        raise TrainingError(f"model {cfg.model}: {' '.join(str(e).split())}") from e
+    return model, tokenizer, head.softcap
+
+
+def _check_labels(data, vocab_size: int, name: str) -> None:
+    """The loss trusts the labels to lie in [0, V): check them once here, on the host."""
+    top = max((max(e.labels) for e in data if e.labels), default=-1)
+    if top >= vocab_size:
+        raise TrainingError(f"{name}: label {top} is outside the model's vocabulary of {vocab_size} tokens")
+
+
+def setup(cfg: TrainConfig, world: World) -> Run:
+    from trainer.data import DEMO_TRAIN_FILE, DEMO_VAL_FILE, encode_file
+
+    # same seed on every rank: the demo's weights and the LoRA init must be identical everywhere
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    if cfg.parallel == "fsdp" and world.size > 1 and (cfg.save_merged or cfg.quantize != "none"):
+        setting = "save_merged" if cfg.save_merged else f"quantize: {cfg.quantize}"
+        raise TrainingError(f"{setting} with parallel: fsdp is not supported; use parallel: ddp "
+                            "(or merge final/ afterwards on one process)")  # fmt: skip
+
+    model, tokenizer, softcap = setup_model(cfg, say=lambda line: world.is_main and tqdm.write(line))
+    flops = FlopCounter(model)  # the whole model, before any sharding
+    base = model.get_base_model()
+    device = base.get_output_embeddings().weight.device
+    dtype = resolve_dtype(cfg.dtype, device)
+    strategy = make_strategy(cfg.parallel, world, compute_dtype=dtype, cpu_offload=cfg.fsdp_cpu_offload)
+    model = strategy.wrap(model)
+    model.train()
+    head = LiveHead(base.get_output_embeddings(), softcap, strategy)
+
+    def encode(name: str, demo: Path):
+        data, summary = encode_file(
+            demo if name == "demo" else name, tokenizer, template=cfg.template, loss_on=cfg.loss_on,
+            max_length=cfg.max_length, overlong=cfg.overlong,
+        )  # fmt: skip
+        if world.is_main:
+            tqdm.write(summary.format())
+        _check_labels(data, base.get_output_embeddings().out_features, name)
+        return data
+
+    train_data = encode(cfg.train_file, DEMO_TRAIN_FILE)
+    if len(train_data) == 0:
+        raise TrainingError(f"train_file {cfg.train_file}: no conversation left to train on (see above)")
+    val_data = encode(cfg.val_file, DEMO_VAL_FILE) if cfg.val_file else []
+    # Every rank packs the same rows (deterministic for seed and epoch). A step takes the next
+    # rows_per_step of them and each rank trains on its share: one step covers the same rows however
+    # many ranks share it. The last step of an epoch may be short. No row is dropped.
+    bins = pack(train_data, cfg.max_tokens)  # the same rows every epoch; only their order changes
+    rows_per_step = cfg.grad_accum * world.size
+    total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(bins) / rows_per_step)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    # fused: the update takes found_inf, so a non-finite step is skipped without a host sync
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    state = dict(step=0, epoch=0, row=0, first_loss=None, best_val=None, evals_since_best=0, skipped=0,
+                 bad_in_row=0, world_size=world.size)  # fmt: skip
+    return Run(
+        cfg=cfg, world=world, strategy=strategy, model=model, tokenizer=tokenizer, head=head,
+        loss_fn=fused_loss(cfg.loss_backend), device=device, dtype=dtype, autocast=autocast, params=params,
+        optimizer=optimizer, scheduler=scheduler, flops=flops, train_data=train_data, bins=bins,
+        val_batches=make_packed_batches(val_data, cfg.max_tokens) if val_data else [],
+        rows_per_step=rows_per_step, total_steps=total_steps, out=out, state=state,
+    )  # fmt: skip
+
+
+def resume(run: Run) -> None:
+    """Load the checkpoint ``cfg.resume`` names (every rank the same one), or refuse to overwrite one;
+    then rewrite metrics.jsonl up to the step resumed from."""
+    cfg, out = run.cfg, run.out
+    path = find_checkpoint(cfg)
+    if path is not None:
+        load_checkpoint(run, path)
+        run.say(f"resumed from {path} at step {run.state['step']}")
+    elif cfg.resume == "auto":
+        run.say(f"resume auto: no checkpoint in {out}, starting fresh")
+    elif stale := sorted(out.glob("checkpoint-*")):
+        raise TrainingError(
+            f"output_dir {out} already holds checkpoints (newest {stale[-1].name}): continue that run with "
+            "--resume auto, or choose another --output-dir"
+        )
+    run.records = _read_metrics(out / "metrics.jsonl", run.state["step"])
+    run.world.barrier()  # every rank has read the previous run's metrics before rank 0 rewrites them
+    if run.world.is_main:
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run.records))
+        save_config(cfg, out / "train_config.yaml")
+
+
+def save_checkpoint(run: Run) -> Path:
+    """checkpoint-<step>/: the strategy's model and optimizer state (sharded under FSDP), the scheduler,
+    each rank's random state, state.json and the config; written atomically (every rank calls this)."""
+    path = run.out / f"checkpoint-{run.state['step']:06d}"
+
+    def write(tmp: Path) -> None:
+        run.strategy.save_state(run.model, run.optimizer, tmp)
+        torch.save(rng_state(run.device), tmp / f"rng-rank{run.world.rank}.pt")
+        if run.world.is_main:
+            torch.save({"scheduler": run.scheduler.state_dict()}, tmp / "scheduler.pt")
+            save_config(run.cfg, tmp / "train_config.yaml")
+            (tmp / "state.json").write_text(json.dumps(run.state, indent=1))
+
+    _sharded_save(run.world, path, write)
+    return path
+
+
+def load_checkpoint(run: Run, path: Path) -> None:
+    """Every rank loads the same checkpoint and its own random state."""
+    check_resume_settings(path, run.cfg)
     state = json.loads((path / "state.json").read_text())
     saved_world = state.setdefault("world_size", 1)  # checkpoints from before multi-process runs: one
-    if saved_world != world_size:  # a step is grad_accum rows per process: other steps, other schedule
+    if saved_world != run.world.size:  # a step is grad_accum rows per process: other steps, other schedule
         raise TrainingError(
-            f"resume: {path} was made with {saved_world} processes, this run has {world_size}; "
+            f"resume: {path} was made with {saved_world} processes, this run has {run.world.size}; "
             "use the same number of processes or start a fresh output_dir"
         )
-    return state
+    run.strategy.load_state(run.model, run.optimizer, path)
+    run.scheduler.load_state_dict(load_cpu(path / "scheduler.pt")["scheduler"])
+    set_rng_state(load_cpu(path / f"rng-rank{run.world.rank}.pt"), run.device)
+    run.state = state
+
+
+def train_step(run: Run, group: list[PackedBatch], interrupt: bool):
+    """One optimizer step over ``group`` without a host sync of its own. Returns (loss, grad norm, stop):
+    loss and norm as 0-dim device tensors; a non-finite one makes AdamW skip the update on the device."""
+    loss, stop = parallel_step(run.model, group, run.head, run.loss_fn, run.device, run.autocast,
+                               run.strategy, interrupt)  # fmt: skip
+    max_norm = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else math.inf
+    norm = run.strategy.grad_norm(run.params, max_norm)
+    finite = torch.isfinite(loss) & torch.isfinite(norm)
+    run.optimizer.found_inf = (~finite).float().to(run.params[0].device)  # read by the fused AdamW step
+    run.updating = True  # until the loop has counted this step, the weights and the state disagree
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return loss, norm, stop
+
+
+class Progress:
+    """The steps' losses and gradient norms wait on the device; ``flush`` reads all of them in one sync,
+    counts the skipped steps and stops the run after ``max_bad_steps`` non-finite steps in a row."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.window = dict(loss=0.0, steps=0, tokens=0, flops=0.0, t0=time.perf_counter(), norm=math.nan)
+
+    def add(self, step: int, loss, norm, tokens: int, flops: float) -> None:
+        self.pending.append((step, loss, norm))
+        self.window["tokens"] += tokens
+        self.window["flops"] += flops
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        run, state, window = self.run, self.run.state, self.window
+        values = torch.stack([t.float() for _, loss, norm in self.pending for t in (loss, norm)]).tolist()
+        steps = [step for step, _, _ in self.pending]
+        self.pending = []
+        for step, loss, norm in zip(steps, values[0::2], values[1::2], strict=True):
+            run.losses.append(loss)
+            window["norm"] = norm
+            if math.isfinite(loss) and math.isfinite(norm):
+                state["bad_in_row"] = 0
+                state["first_loss"] = state["first_loss"] or loss
+                window["loss"] += loss
+                window["steps"] += 1
+                continue
+            state["skipped"] += 1
+            state["bad_in_row"] += 1
+            run.say(f"step {step}: non-finite loss {loss} or grad norm {norm}, step skipped "
+                    f"({state['bad_in_row']} in a row)")  # fmt: skip
+            if state["bad_in_row"] >= run.cfg.max_bad_steps:
+                raise TrainingError(
+                    f"{state['bad_in_row']} non-finite steps in a row at step {step}: lower lr, check the "
+                    "data, or try dtype fp32; the last good checkpoint is kept"
+                )
+
+    def log(self, bar) -> None:
+        """One metrics record and progress line for the steps since the last one."""
+        self.flush()
+        run, window, step = self.run, self.window, self.run.state["step"]
+        seconds = time.perf_counter() - window["t0"]
+        record = {
+            "step": step, "epoch": run.state["epoch"], "loss": window["loss"] / max(1, window["steps"]),
+            "lr": run.scheduler.get_last_lr()[0], "grad_norm": window["norm"],
+            "tokens_per_s": window["tokens"] / seconds, "skipped": run.state["skipped"],
+        }  # fmt: skip
+        line = (f"step {step}/{run.total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+                f"grad norm {window['norm']:.3f}, {record['tokens_per_s']:.0f} tokens/s")  # fmt: skip
+        peak = peak_flops(run.device)
+        if peak:  # global FLOPs over the peak of every process
+            record["mfu"] = window["flops"] / seconds / (peak * run.world.size)
+            line += f", mfu {100 * record['mfu']:.1f}%"
+        run.log(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        run.say(line)
+        window.update(loss=0.0, steps=0, tokens=0, flops=0.0, t0=time.perf_counter())
+
+
+def run_eval(run: Run) -> bool:
+    """Validation loss, best/ adapter, early stopping; True when patience is exhausted."""
+    state = run.state
+    val = evaluate(run.model, run.val_batches, run.head, run.loss_fn, run.device, run.autocast, run.strategy)
+    run.log({"step": state["step"], "val_loss": val})
+    improved = state["best_val"] is None or val < state["best_val"]
+    if improved:
+        state["best_val"], state["evals_since_best"] = val, 0
+        save_final_adapter(run, run.out / "best")
+    else:
+        state["evals_since_best"] += 1
+    run.say(f"step {state['step']}: val loss {val:.4f}{' (best)' if improved else ''}")
+    return run.cfg.patience > 0 and state["evals_since_best"] >= run.cfg.patience
+
+
+def save_final_adapter(run: Run, path: Path) -> None:
+    """A standard PEFT adapter (gathered whole under FSDP; every rank calls this, rank 0 writes)."""
+    adapter = run.strategy.adapter_state(run.model)
+    if run.world.is_main:
+        save_adapter(run.model, run.tokenizer, run.cfg, path, adapter)
+    run.world.barrier()
+
+
+def next_steps(run: Run):
+    """The rows of each remaining step, in order, epoch after epoch; the caller advances state."""
+    state = run.state
+    while state["step"] < run.total_steps:
+        rows = epoch_rows(run.bins, seed=run.cfg.seed, epoch=state["epoch"])
+        while state["row"] < len(rows) and state["step"] < run.total_steps:
+            yield rows[state["row"] : state["row"] + run.rows_per_step]
+        if state["row"] >= len(rows):
+            state["epoch"] += 1
+            state["row"] = 0
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train a LoRA adapter as ``cfg`` says; return the final metrics (the same on every rank). Under
+    torchrun, join the process group first and leave it at the end, also on errors."""
+    try:
+        world = init_world(cfg.device)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    try:
+        return _train(cfg, world)
+    finally:
+        close_world(world)
+
+
+def _train(cfg: TrainConfig, world: World) -> dict:
+    run = setup(cfg, world)
+    resume(run)
+    state = run.state
+    run.say(_summary(run))
+    progress = Progress(run)
+    # a run resumed at its last step may have evaluated there already
+    evaluated = [r["step"] for r in run.records if "val_loss" in r]
+    last_saved, last_eval, stop_reason = state["step"], (evaluated or [None])[-1], "done"
+    bar = tqdm(total=run.total_steps, initial=state["step"], desc="train", dynamic_ncols=True,
+               disable=not world.is_main)  # fmt: skip
+    interrupt = _GracefulInterrupt()
+    try:
+        for step_rows in next_steps(run):
+            # collated step by step: the epoch's rows are never all held as tensors at once
+            group = [collate_packed(run.train_data, r) for r in step_rows]
+            lengths = [[len(run.train_data[i].input_ids) for i in r] for r in step_rows]
+            loss, norm, stop = train_step(run, group, interrupt.requested)
+            state["step"] += 1
+            state["row"] += len(group)
+            run.updating = False
+            bar.update(1)
+            progress.add(state["step"], loss, norm, sum(b.num_tokens for b in group),
+                         run.flops.step(lengths, sum(b.num_loss_tokens for b in group)))  # fmt: skip
+
+            step = state["step"]
+            if step % cfg.log_every == 0 or step == run.total_steps:
+                progress.log(bar)
+            paused = time.perf_counter()  # evaluation and saving do not count towards tokens/s
+            if run.val_batches and cfg.eval_every and step % cfg.eval_every == 0:
+                last_eval = step
+                if run_eval(run):
+                    stop_reason = f"early stop: no improvement in {cfg.patience} evaluations"
+                    break
+            if cfg.save_every and step % cfg.save_every == 0:
+                progress.flush()  # the saved state counts every step up to here
+                save_checkpoint(run)
+                last_saved = step
+            progress.window["t0"] += time.perf_counter() - paused
+            # Ctrl-C on any rank before this step's reduction: every rank stops here
+            if stop or (world.size == 1 and interrupt.requested):
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        bar.close()
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.updating:
+            run.say("interrupted during an update: the last checkpoint is kept; use --resume auto")
+        elif state["step"] > last_saved:
+            progress.flush()
+            path = save_checkpoint(run)
+            run.say(f"interrupted: saved {path}; continue with --resume auto")
+        raise
+    finally:
+        interrupt.restore()
+    bar.close()
+    progress.flush()
+    return finish(run, stop_reason, last_eval, last_saved)
+
+
+def _summary(run: Run) -> str:
+    cfg, world = run.cfg, run.world
+    return (
+        f"model {cfg.model}: {run.flops.total / 1e6:.1f}M parameters, "
+        f"{sum(p.numel() for p in run.params) / 1e6:.2f}M trainable (LoRA r={cfg.lora_r}), {run.dtype} on "
+        f"{run.device}; {len(run.bins)} packed rows per epoch, {run.total_steps} steps of {cfg.grad_accum} "
+        f"rows" + (f" on each of {world.size} processes ({run.strategy.name})" if world.size > 1 else "")
+    )
+
+
+def finish(run: Run, stop_reason: str, last_eval: int | None, last_saved: int) -> dict:
+    """Last evaluation and checkpoint, final/ (and merged/), the loss plot; the run's summary."""
+    cfg, state, out, world = run.cfg, run.state, run.out, run.world
+    if run.val_batches and last_eval != state["step"]:
+        run_eval(run)
+    if state["step"] > last_saved:
+        save_checkpoint(run)
+    save_final_adapter(run, out / "final")
+    if world.is_main:
+        plot_losses(run.records, out / "loss.png")
+    world.barrier()
+    if cfg.save_merged:
+        # rank 0 merges after every rank has left the process group: nobody waits in a collective
+        # (under NCCL its 10-minute timeout is shorter than a large model's merge and save)
+        close_world(world)
+        if world.is_main:
+            merged = run.model.merge_and_unload()
+            _atomic_dir(
+                out / "merged", lambda t: (merged.save_pretrained(t), run.tokenizer.save_pretrained(t))
+            )
+
+    logged = [r["loss"] for r in run.records if "loss" in r]
+    result = {
+        "steps": state["step"],
+        "first_loss": state["first_loss"],  # of the first step
+        "last_loss": logged[-1],  # mean of the last logging window
+        "best_val_loss": state["best_val"],
+        "skipped_steps": state["skipped"],
+        "stop_reason": stop_reason,
+        "losses": run.losses,
+        "output_dir": str(out),
+    }
+    run.say(
+        f"{stop_reason} after {state['step']} steps: train loss {result['first_loss']:.4f} (first step) -> "
+        f"{result['last_loss']:.4f} (last {cfg.log_every} steps)"
+        + (f", best val loss {state['best_val']:.4f}" if state["best_val"] is not None else "")
+        + f"; adapter in {out / 'final'}"
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------------------- reporting
 
 
 class _GracefulInterrupt:
@@ -246,9 +737,6 @@ class _GracefulInterrupt:
     def restore(self):
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
-
-
-# ---------------------------------------------------------------------------------------- reporting
 
 
 def plot_losses(records: list[dict], path: Path) -> None:
@@ -279,260 +767,6 @@ def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in records if r["step"] <= up_to_step]
-
-
-# ------------------------------------------------------------------------------------------ the run
-
-
-def train(cfg: TrainConfig) -> dict:
-    """Train a LoRA adapter as ``cfg`` says; return the final metrics (the same on every rank). Under
-    torchrun, join the process group first and leave it at the end, also on errors."""
-    try:
-        world = init_world(cfg.device)
-    except ValueError as e:
-        raise TrainingError(str(e)) from None
-    try:
-        return _train(cfg, world)
-    finally:
-        close_world(world)
-
-
-def _train(cfg: TrainConfig, world: World) -> dict:
-    from trainer.data import DEMO_TRAIN_FILE, DEMO_VAL_FILE, encode_file
-
-    def say(line: str) -> None:
-        if world.is_main:
-            tqdm.write(line)
-
-    def on_main(save, *args):
-        """Rank 0 saves; the others wait, so that every rank leaves with the files in place."""
-        result = save(*args) if world.is_main else None
-        world.barrier()
-        return result
-
-    # same seed on every rank: the demo's weights and the LoRA init must be identical everywhere
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.output_dir)
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-
-    # model: load, check the head, packed attention per layer, LoRA
-    try:
-        model, tokenizer, head = prepare_model(cfg, log=say)
-    except (ValueError, OSError) as e:  # unsupported model or head, missing path, bad LoRA target
-        raise TrainingError(f"model {cfg.model}: {' '.join(str(e).split())}") from e
-    device = head[0].device
-    dtype = resolve_dtype(cfg.dtype, device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    loss_fn = masked_linear_cross_entropy if cfg.loss_backend == "fused" else masked_linear_cross_entropy_ref
-
-    # data
-    def encode(name: str, demo: Path):
-        data, summary = encode_file(
-            demo if name == "demo" else name, tokenizer, template=cfg.template, loss_on=cfg.loss_on,
-            max_length=cfg.max_length, overlong=cfg.overlong,
-        )  # fmt: skip
-        say(summary.format())
-        return data
-
-    train_data = encode(cfg.train_file, DEMO_TRAIN_FILE)
-    if len(train_data) == 0:
-        raise TrainingError(f"train_file {cfg.train_file}: no conversation left to train on (see above)")
-    val_data = encode(cfg.val_file, DEMO_VAL_FILE) if cfg.val_file else []
-    val_batches = make_packed_batches(val_data, cfg.max_tokens) if val_data else []
-    bins = pack(train_data, cfg.max_tokens)  # the same rows every epoch; only their order changes
-    rows_per_epoch = len(bins)
-    # Every rank packs the same rows (deterministic for seed and epoch). A step takes the next
-    # rows_per_step of them and rank r trains on rows r, r + size, ...: one step covers the same rows
-    # however many ranks share it. The last step of an epoch may be short; a rank left without a row
-    # contributes zero loss and zero gradients but still joins the all-reduce. No row is dropped.
-    rows_per_step = cfg.grad_accum * world.size
-    steps_per_epoch = math.ceil(rows_per_epoch / rows_per_step)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-
-    # state that a checkpoint carries: step = optimizer steps done, (epoch, row) = next packed row
-    state = dict(step=0, epoch=0, row=0, first_loss=None, best_val=None, evals_since_best=0, skipped=0,
-                 bad_in_row=0, world_size=world.size)  # fmt: skip
-    resume_from = find_checkpoint(cfg)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, cfg, model, optimizer, scheduler, world.size)
-        say(f"resumed from {resume_from} at step {state['step']}")
-    elif cfg.resume == "auto":
-        say(f"resume auto: no checkpoint in {out}, starting fresh")
-    elif stale := sorted(out.glob("checkpoint-*")):
-        raise TrainingError(
-            f"output_dir {out} already holds checkpoints (newest {stale[-1].name}): continue that run with "
-            "--resume auto, or choose another --output-dir"
-        )
-    records = _read_metrics(out / "metrics.jsonl", state["step"])
-    world.barrier()  # every rank has read the previous run's metrics before rank 0 rewrites them
-    if world.is_main:
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        save_config(cfg, out / "train_config.yaml")
-
-    trainable = sum(p.numel() for p in params)
-    say(
-        f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"{trainable / 1e6:.2f}M trainable (LoRA r={cfg.lora_r}), {dtype} on {device}; "
-        f"{rows_per_epoch} packed rows per epoch, {total_steps} steps of {cfg.grad_accum} rows"
-        + (f" on each of {world.size} processes" if world.size > 1 else "")
-    )
-    peak = peak_flops(device)
-
-    def log(record: dict) -> None:
-        records.append(record)
-        if world.is_main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def run_eval() -> bool:
-        """Validation loss, best/ adapter, early stopping; True when patience is exhausted."""
-        val = evaluate(model, val_batches, head, loss_fn, device, autocast, world)
-        log({"step": state["step"], "val_loss": val})
-        improved = state["best_val"] is None or val < state["best_val"]
-        if improved:
-            state["best_val"], state["evals_since_best"] = val, 0
-            on_main(save_adapter, model, tokenizer, cfg, out / "best")
-        else:
-            state["evals_since_best"] += 1
-        say(f"step {state['step']}: val loss {val:.4f}{' (best)' if improved else ''}")
-        return cfg.patience > 0 and state["evals_since_best"] >= cfg.patience
-
-    losses: list[float] = []  # every step of this run, in order
-    window = dict(loss=0.0, steps=0, tokens=0, flops=0.0, t0=time.perf_counter())
-    last_saved, last_eval, stop_reason, updating = state["step"], None, "done", False
-    bar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True,
-               disable=not world.is_main)  # fmt: skip
-    interrupt = _GracefulInterrupt()
-    try:
-        while state["step"] < total_steps and stop_reason == "done":
-            rows = epoch_rows(bins, seed=cfg.seed, epoch=state["epoch"])
-            while state["row"] < len(rows) and state["step"] < total_steps:
-                # collated step by step: the epoch's rows are never all held as tensors at once
-                step_rows = rows[state["row"] : state["row"] + rows_per_step]
-                group = [collate_packed(train_data, r) for r in step_rows]
-                # every rank now holds the same gradients, loss and stop request, so the decisions
-                # below (skip a non-finite step, stop) are the same on every rank
-                loss, stop_requested = data_parallel_step(model, group, head, loss_fn, device, autocast,
-                                                          world, interrupt.requested)  # fmt: skip
-                max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                loss_value, norm_value = loss.item(), grad_norm.item()
-                updating = True  # from here to the end of the step, the weights and the state disagree
-                if math.isfinite(loss_value) and math.isfinite(norm_value):
-                    optimizer.step()
-                    state["bad_in_row"] = 0
-                else:
-                    state["skipped"] += 1
-                    state["bad_in_row"] += 1
-                    say(f"step {state['step'] + 1}: non-finite loss {loss_value} or grad norm "
-                        f"{norm_value}, step skipped ({state['bad_in_row']} in a row)")  # fmt: skip
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                state["step"] += 1
-                state["row"] += len(group)
-                updating = False
-                if state["bad_in_row"] >= cfg.max_bad_steps:
-                    raise TrainingError(
-                        f"{state['bad_in_row']} non-finite steps in a row at step {state['step']}: lower lr, "
-                        "check the data, or try dtype fp32; the last good checkpoint is kept"
-                    )
-                losses.append(loss_value)
-                bar.update(1)
-                if math.isfinite(loss_value):
-                    state["first_loss"] = state["first_loss"] or loss_value
-                    window["loss"] += loss_value
-                    window["steps"] += 1
-                window["tokens"] += sum(b.num_tokens for b in group)
-                window["flops"] += step_flops(model, group) if peak else 0.0
-
-                step = state["step"]
-                if step % cfg.log_every == 0 or step == total_steps:
-                    seconds = time.perf_counter() - window["t0"]
-                    record = {
-                        "step": step, "epoch": state["epoch"],
-                        "loss": window["loss"] / max(1, window["steps"]),
-                        "lr": scheduler.get_last_lr()[0], "grad_norm": norm_value,
-                        "tokens_per_s": window["tokens"] / seconds, "skipped": state["skipped"],
-                    }  # fmt: skip
-                    postfix = dict(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                   tok_s=f"{record['tokens_per_s']:.0f}")  # fmt: skip
-                    if peak:
-                        record["mfu"] = window["flops"] / seconds / (peak * world.size)
-                        postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
-                    log(record)
-                    bar.set_postfix(postfix)
-                    say(
-                        f"step {step}/{total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
-                        f"grad norm {norm_value:.3f}, {record['tokens_per_s']:.0f} tokens/s"
-                        + (f", mfu {postfix['mfu']}" if peak else "")
-                    )
-                    window.update(loss=0.0, steps=0, tokens=0, flops=0.0, t0=time.perf_counter())
-                paused = time.perf_counter()  # evaluation and saving do not count towards tokens/s
-                if val_batches and cfg.eval_every and step % cfg.eval_every == 0:
-                    last_eval = step
-                    if run_eval():
-                        stop_reason = f"early stop: no improvement in {cfg.patience} evaluations"
-                        break
-                if cfg.save_every and step % cfg.save_every == 0:
-                    on_main(save_checkpoint, model, tokenizer, optimizer, scheduler, state, cfg, out)
-                    last_saved = step
-                window["t0"] += time.perf_counter() - paused
-                # Ctrl-C on any rank before this step's all-reduce: every rank stops here
-                if stop_requested or (world.size == 1 and interrupt.requested):
-                    raise KeyboardInterrupt
-            if state["row"] >= len(rows):
-                state["epoch"] += 1
-                state["row"] = 0
-    except KeyboardInterrupt:
-        bar.close()
-        optimizer.zero_grad(set_to_none=True)
-        if updating:
-            say("interrupted during an update: the last checkpoint is kept; use --resume auto")
-        elif state["step"] > last_saved:
-            path = on_main(save_checkpoint, model, tokenizer, optimizer, scheduler, state, cfg, out)
-            say(f"interrupted: saved {path}; continue with --resume auto")
-        raise
-    finally:
-        interrupt.restore()
-    bar.close()
-
-    if val_batches and last_eval != state["step"]:
-        run_eval()
-    if state["step"] > last_saved:
-        on_main(save_checkpoint, model, tokenizer, optimizer, scheduler, state, cfg, out)
-    on_main(save_adapter, model, tokenizer, cfg, out / "final")
-    if cfg.save_merged and world.is_main:
-        merged = model.merge_and_unload()
-        _atomic_dir(out / "merged", lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
-    if world.is_main:
-        plot_losses(records, out / "loss.png")
-    world.barrier()
-
-    logged = [r["loss"] for r in records if "loss" in r]
-    result = {
-        "steps": state["step"],
-        "first_loss": state["first_loss"],  # of the first step
-        "last_loss": logged[-1],  # mean of the last logging window
-        "best_val_loss": state["best_val"],
-        "skipped_steps": state["skipped"],
-        "stop_reason": stop_reason,
-        "losses": losses,
-        "output_dir": str(out),
-    }
-    say(
-        f"{stop_reason} after {state['step']} steps: train loss {result['first_loss']:.4f} (first step) -> "
-        f"{result['last_loss']:.4f} (last {cfg.log_every} steps)"
-        + (f", best val loss {state['best_val']:.4f}" if state["best_val"] is not None else "")
-        + f"; adapter in {out / 'final'}"
-    )
-    return result
 
 
 __all__ = ["TrainConfig", "TrainingError", "config_to_dict", "train"]

@@ -1,12 +1,15 @@
-"""torchrun with 2 CPU processes (gloo) against one process over the same rows: same losses, gradients
-(their norm, every step), validation losses and adapter; rank 0 alone writes; resume works."""
+"""torchrun with 2 CPU processes (gloo), data parallel and FSDP2, against one process over the same rows:
+same losses, gradients (their norm, every step), validation losses and adapter; rank 0 alone writes;
+resume works, also after kill -9 and across 2 "nodes" joined by torchrun's c10d rendezvous."""
 
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -20,7 +23,18 @@ from trainer.data import DEMO_TRAIN_FILE, DEMO_VAL_FILE, encode_file
 from trainer.distributed import close_world, init_world
 from trainer.model import apply_lora, enable_varlen_attention, lm_head_spec, load_model
 from trainer.packing import make_packed_batches
-from trainer.train import TrainingError, data_parallel_step, forward_backward, train
+from trainer.parallel import FullySharded
+from trainer.train import (
+    LiveHead,
+    TrainingError,
+    _sharded_save,
+    data_parallel_step,
+    forward_backward,
+    parallel_step,
+    rng_state,
+    set_rng_state,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -42,14 +56,25 @@ def _args(data: Path, out: Path, grad_accum: int) -> list[str]:
             "--output-dir", str(out)]  # fmt: skip
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
 def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
     port = str(_free_port())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", port, "-m", "trainer", *args]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     return done
+
+
+def _node(endpoint: str, args: list[str], log: Path) -> subprocess.Popen:
+    """One "node" of 2: torchrun with 1 process, joining the others through c10d on the loopback."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "tritrain-test",
+           "-m", "trainer", *args]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -71,30 +96,46 @@ def runs(tmp_path_factory):
     # one process with 2 rows a step sees the same rows per step as 2 processes with 1 row each
     single = train(load_config(_args(data, tmp / "single", grad_accum=2)))
     ddp = _torchrun(_args(data, tmp / "ddp", grad_accum=1))
-    return tmp, data, single, ddp
+    fsdp = _torchrun([*_args(data, tmp / "fsdp", grad_accum=1), "--parallel", "fsdp"])
+    return tmp, data, single, ddp, fsdp
 
 
-def test_two_processes_match_one(runs):
-    tmp, _, single, ddp = runs
-    one, two = _metrics(tmp / "single"), _metrics(tmp / "ddp")
-    assert "5 packed rows per epoch, 6 steps of 1 rows on each of 2 processes" in ddp.stdout
+def _same_adapter(a_dir: Path, b_dir: Path) -> None:
+    a = load_file(a_dir / "adapter_model.safetensors")
+    b = load_file(b_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:  # AdamW turns 1e-7 gradient noise on near-zero entries into ~1% of lr
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-4, msg=f"{b_dir} {key}")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(runs, parallel):
+    tmp, _, single, ddp, fsdp = runs
+    done = {"ddp": ddp, "fsdp": fsdp}[parallel]
+    one, two = _metrics(tmp / "single"), _metrics(tmp / parallel)
+    assert f"5 packed rows per epoch, 6 steps of 1 rows on each of 2 processes ({parallel})" in done.stdout
     assert single["steps"] == 6 and len(single["losses"]) == 6
     assert [sorted(r) for r in one] == [sorted(r) for r in two]  # same records, each written once
     for key in ("loss", "grad_norm", "val_loss"):  # grad_norm: of the summed gradients, before clipping
         _close([r[key] for r in two if key in r], [r[key] for r in one if key in r])
     assert [r["lr"] for r in two if "lr" in r] == [r["lr"] for r in one if "lr" in r]
-    for name in ("final", "best", "checkpoint-000003", "checkpoint-000006"):
-        a = load_file(tmp / "single" / name / "adapter_model.safetensors")
-        b = load_file(tmp / "ddp" / name / "adapter_model.safetensors")
-        assert a.keys() == b.keys() and len(a) > 0
-        for key in a:  # AdamW turns 1e-7 gradient noise on near-zero entries into ~1% of lr
-            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-4, msg=f"{name} {key}")
+    for name in ("final", "best"):  # standard PEFT adapters, also under FSDP
+        _same_adapter(tmp / "single" / name, tmp / parallel / name)
+        _same_adapter(tmp / "ddp" / name, tmp / parallel / name)
+    for name in ("checkpoint-000003", "checkpoint-000006"):
+        files = {p.name for p in (tmp / parallel / name).iterdir()}
+        assert {"rng-rank0.pt", "rng-rank1.pt", "state.json", "scheduler.pt"} <= files, files
+        if parallel == "ddp":  # one adapter; FSDP: each rank's shard through torch.distributed.checkpoint
+            _same_adapter(tmp / "single" / name, tmp / "ddp" / name)
+        else:
+            assert sorted(p.name for p in (tmp / "fsdp" / name / "sharded").glob("*.distcp")) == [
+                "__0_0.distcp", "__1_0.distcp"]  # fmt: skip
 
 
 def test_only_rank_0_writes(runs):
-    tmp, _, _, ddp = runs
-    names = {run: sorted(p.name for p in (tmp / run).iterdir()) for run in ("single", "ddp")}
-    assert names["ddp"] == names["single"]
+    tmp, _, _, ddp, _ = runs
+    names = {run: sorted(p.name for p in (tmp / run).iterdir()) for run in ("single", "ddp", "fsdp")}
+    assert names["ddp"] == names["single"] == names["fsdp"]
     lines = ddp.stdout.splitlines()
     assert sum(line.startswith("step 1/6: loss") for line in lines) == 1, ddp.stdout
     assert sum(line.startswith("model ") for line in lines) == 1, ddp.stdout
@@ -102,7 +143,7 @@ def test_only_rank_0_writes(runs):
 
 @pytest.mark.slow  # one more torchrun launch (~20 s on 2 CPU cores)
 def test_resume_with_two_processes(runs):
-    tmp, data, _, _ = runs
+    tmp, data, _, _, _ = runs
     out = tmp / "resumed"
     shutil.copytree(tmp / "ddp", out)
     for name in ("checkpoint-000006", "final"):
@@ -136,7 +177,12 @@ def _model_and_rows():
 
 
 def _grads(model) -> dict:
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Each LoRA gradient, whole (an FSDP gradient is a DTensor shard)."""
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            grads[name] = grad.clone()
     model.zero_grad(set_to_none=True)
     return grads
 
@@ -147,12 +193,28 @@ def _step_worker(rank: int, port: int, out: Path) -> None:
     torch.set_num_threads(1)
     world = init_world("cpu")
     try:
-        model, head, rows = _model_and_rows()
-        results = {}
-        for case, group in (("5 rows", rows), ("1 row", rows[:1])):  # 1 row: rank 1 has none
-            loss, stop = data_parallel_step(model, group, head, masked_linear_cross_entropy, CPU,
-                                            nullcontext(), world, interrupt=rank == 1)  # fmt: skip
-            results[case] = (loss.clone(), stop, _grads(model))
+        results = {"ddp": {}, "fsdp": {}}
+        for parallel in ("ddp", "fsdp"):
+            model, head, rows = _model_and_rows()
+            if parallel == "fsdp":
+                strategy = FullySharded(world)
+                model = strategy.wrap(model)
+                head = LiveHead(model.get_base_model().get_output_embeddings(), None, strategy)
+            for case, group in (("5 rows", rows), ("1 row", rows[:1])):  # 1 row: rank 1 has none
+                if parallel == "ddp":
+                    loss, stop = data_parallel_step(model, group, head, masked_linear_cross_entropy, CPU,
+                                                    nullcontext(), world, interrupt=rank == 1)  # fmt: skip
+                else:
+                    loss, stop = parallel_step(model, group, head, masked_linear_cross_entropy, CPU,
+                                               nullcontext(), strategy, interrupt=rank == 1)  # fmt: skip
+                results[parallel][case] = (loss.clone(), stop, _grads(model))
+        # each rank saves its own random state into one checkpoint and gets it back
+        torch.manual_seed(100 + rank)
+        write = lambda tmp: torch.save(rng_state(CPU), tmp / f"rng-rank{rank}.pt")  # noqa: E731
+        _sharded_save(world, out / "checkpoint", write)
+        drawn = torch.rand(4)
+        set_rng_state(torch.load(out / "checkpoint" / f"rng-rank{rank}.pt", weights_only=False), CPU)
+        results["rng"] = (drawn, torch.rand(4))
         torch.save(results, out / f"rank{rank}.pt")
     finally:
         close_world(world)
@@ -163,18 +225,62 @@ def test_step_gradients_of_two_processes_equal_one(tmp_path):
     model, head, rows = _model_and_rows()
     assert len(rows) == 5
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    (drawn0, again0), (drawn1, again1) = ranks[0]["rng"], ranks[1]["rng"]
+    assert torch.equal(drawn0, again0) and torch.equal(drawn1, again1)  # each rank's stream continues
+    assert not torch.equal(drawn0, drawn1)  # and it is its own, not rank 0's
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["rng-rank0.pt", "rng-rank1.pt"]
+    for parallel in ("ddp", "fsdp"):
+        _compare_step(model, head, rows, [results[parallel] for results in ranks], parallel)
+
+
+def _compare_step(model, head, rows, ranks: list[dict], parallel: str) -> None:
+    """Each rank's loss and gradients after one step of ``parallel`` against one process's."""
     for case, group in (("5 rows", rows), ("1 row", rows[:1])):
         loss = forward_backward(model, group, head, masked_linear_cross_entropy, CPU, nullcontext())
         reference = _grads(model)
         for rank, results in enumerate(ranks):
             got_loss, stop, grads = results[case]
             assert stop  # rank 1 asked: every rank stops
-            torch.testing.assert_close(got_loss, loss, rtol=1e-5, atol=0, msg=f"{case} rank {rank}")
+            torch.testing.assert_close(
+                got_loss, loss, rtol=1e-5, atol=0, msg=f"{parallel} {case} rank {rank}"
+            )
             assert grads.keys() == reference.keys()
             for name, grad in reference.items():
                 assert grad.abs().max() > 0, name
                 # fp32 sums in another order: entries near zero get an error relative to the largest
                 atol = 1e-6 * grad.abs().max().item()
-                torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=atol, msg=f"{case} {name}")
+                msg = f"{parallel} {case} {name}"
+                torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=atol, msg=msg)
         for name in reference:  # the all-reduce leaves the same numbers on every rank
             assert torch.equal(ranks[0][case][2][name], ranks[1][case][2][name])
+
+
+def test_fsdp_resumes_after_kill_9_on_two_nodes(runs):
+    """kill -9 of an FSDP run mid-way, then --resume auto with its 2 processes started as 2 "nodes"
+    (torchrun's c10d rendezvous on the loopback): the logged losses are those of the uninterrupted run."""
+    tmp, data, _, _, _ = runs
+    out = tmp / "killed"
+    args = [*_args(data, out, grad_accum=1), "--parallel", "fsdp", "--save-every", "1"]
+    port = str(_free_port())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", port, "-m", "trainer", *args]  # fmt: skip
+    killed = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 90
+    while not (out / "checkpoint-000001").exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(killed.pid, signal.SIGKILL)  # torchrun and both trainers, no chance to clean up
+    killed.wait()
+    assert (out / "checkpoint-000001").exists() and not (out / "final").exists()
+
+    endpoint = f"127.0.0.1:{_free_port()}"
+    logs = [tmp / f"node{i}.log" for i in range(2)]
+    nodes = [_node(endpoint, [*args, "--resume", "auto"], log) for log in logs]
+    codes = [node.wait(timeout=120) for node in nodes]
+    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
+    assert "resumed from" in "".join(log.read_text() for log in logs)
+    full, resumed = _metrics(tmp / "fsdp"), _metrics(out)
+    assert [sorted(r) for r in resumed] == [sorted(r) for r in full]
+    for key in ("loss", "grad_norm", "val_loss"):
+        _close([r[key] for r in resumed if key in r], [r[key] for r in full if key in r])
+    _same_adapter(tmp / "fsdp" / "final", out / "final")

@@ -182,6 +182,13 @@ def test_resume_after_interrupt_gives_identical_losses(tmp_path, monkeypatch, ho
     out = tmp_path / "b" / "out"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000003", f"checkpoint-{done:06d}"]
     monkeypatch.setattr(train_module, "micro_batch_loss_sum", real)
+    real_load = torch.load
+
+    def load_onto_cpu(*a, **k):  # every rank would otherwise load onto the GPU the state was saved from
+        assert k.get("map_location") == "cpu", k
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(torch, "load", load_onto_cpu)
     resumed = train(_cfg(tmp_path / "b", *args, "--resume", "auto"))["losses"]
     assert resumed == full[done:]  # fp32 on CPU: bit-identical
     logged = [r["loss"] for r in _lines(out / "metrics.jsonl") if "loss" in r]
@@ -228,11 +235,21 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     args = ["--max-steps", "5", "--save-every", "0", "--eval-every", "0", "--val-file", ""]
     clean = train(_cfg(tmp_path / "a", *args))["losses"]
     _nan_on({2, 3}, monkeypatch)
-    updates = []
+    updates = []  # per step: the AdamW step counter after it, and whether the weights moved
     real_step = torch.optim.AdamW.step
-    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: updates.append(1) or real_step(self))
+
+    def step(self, *a, **k):
+        params = [p for group in self.param_groups for p in group["params"]]
+        before = [p.detach().clone() for p in params]
+        real_step(self)
+        moved = any(not torch.equal(x, p) for x, p in zip(before, params, strict=True))
+        updates.append((int(self.state[params[0]]["step"]), moved))
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
     result = train(_cfg(tmp_path / "b", *args))
-    assert result["skipped_steps"] == 2 and len(updates) == 3  # no update from a non-finite step
+    # the non-finite steps 2 and 3 are skipped on the device: no weight moves, AdamW's counter stays
+    assert result["skipped_steps"] == 2
+    assert updates == [(1, True), (1, False), (1, False), (2, True), (3, True)]
     losses = result["losses"]
     assert losses[0] == clean[0] and math.isnan(losses[1]) and math.isnan(losses[2])
     assert all(math.isfinite(x) for x in losses[3:])
