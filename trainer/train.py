@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -25,8 +26,10 @@ import yaml
 from tqdm import tqdm
 
 from kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
+from trainer import make_callable
 from trainer.config import TrainConfig, config_to_dict, save_config
 from trainer.distributed import ONE_PROCESS, World, close_world, init_world
+from trainer.lock import output_dir_lock
 from trainer.model import (
     apply_lora,
     decoder_hidden_states,
@@ -36,6 +39,8 @@ from trainer.model import (
     resolve_dtype,
 )
 from trainer.packing import PackedBatch, collate_packed, epoch_rows, make_packed_batches, pack
+from trainer.reporting import Reporters, TokenAccuracy
+from trainer.resume import apply_overrides, compare_with_checkpoint
 
 
 class TrainingError(RuntimeError):
@@ -199,21 +204,10 @@ def find_checkpoint(cfg: TrainConfig) -> Path | None:
     return found[-1].parent if found else None
 
 
-# Settings that decide which rows a step sees: resuming with other values would replay different data.
-RESUME_MUST_MATCH = ("model", "train_file", "template", "loss_on", "max_length", "overlong",
-                     "max_tokens", "grad_accum", "epochs", "max_steps", "seed", "lora_r",
-                     "lora_target_modules")  # fmt: skip
-
-
 def load_checkpoint(path: Path, cfg: TrainConfig, model, optimizer, scheduler, world_size: int = 1) -> dict:
     """Every rank loads the same checkpoint, so every rank resumes in the same state."""
     saved_cfg = yaml.safe_load((path / "train_config.yaml").read_text())
-    for key in RESUME_MUST_MATCH:
-        if saved_cfg.get(key) != getattr(cfg, key):
-            raise TrainingError(
-                f"resume: {path} was made with {key}={saved_cfg.get(key)!r}, this run has "
-                f"{getattr(cfg, key)!r}; use the same setting or start a fresh output_dir"
-            )
+    changed = compare_with_checkpoint(saved_cfg, cfg, path)  # trainer/resume.py
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -225,6 +219,7 @@ def load_checkpoint(path: Path, cfg: TrainConfig, model, optimizer, scheduler, w
     random.setstate(saved["rng"]["python"])
     if "cuda" in saved["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    overrides = apply_overrides(changed, cfg, optimizer, scheduler)
     state = json.loads((path / "state.json").read_text())
     saved_world = state.setdefault("world_size", 1)  # checkpoints from before multi-process runs: one
     if saved_world != world_size:  # a step is grad_accum rows per process: other steps, other schedule
@@ -232,6 +227,7 @@ def load_checkpoint(path: Path, cfg: TrainConfig, model, optimizer, scheduler, w
             f"resume: {path} was made with {saved_world} processes, this run has {world_size}; "
             "use the same number of processes or start a fresh output_dir"
         )
+    state["overrides"] = overrides  # said by rank 0, then dropped
     return state
 
 
@@ -299,7 +295,8 @@ def train(cfg: TrainConfig) -> dict:
     except ValueError as e:
         raise TrainingError(str(e)) from None
     try:
-        return _train(cfg, world)
+        with output_dir_lock(cfg.output_dir, enabled=world.is_main, say=tqdm.write):  # trainer/lock.py
+            return _train(cfg, world)
     finally:
         close_world(world)
 
@@ -339,6 +336,8 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     dtype = resolve_dtype(cfg.dtype, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     loss_fn = masked_linear_cross_entropy if cfg.loss_backend == "fused" else masked_linear_cross_entropy_ref
+    accuracy = TokenAccuracy(loss_fn, device)  # trainer/reporting.py: counted by the loss, when it can
+    loss_fn = accuracy.wrap(loss_fn)
 
     # data
     def encode(name: str, demo: Path):
@@ -376,6 +375,8 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     if resume_from is not None:
         state = load_checkpoint(resume_from, cfg, model, optimizer, scheduler, world.size)
         say(f"resumed from {resume_from} at step {state['step']}")
+        if overrides := state.pop("overrides"):
+            say(overrides)
     elif cfg.resume == "auto":
         say(f"resume auto: no checkpoint in {out}, starting fresh")
     elif stale := sorted(out.glob("checkpoint-*")):
@@ -388,6 +389,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     if world.is_main:
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         save_config(cfg, out / "train_config.yaml")
+    reporters = Reporters(cfg, out, enabled=world.is_main)
 
     trainable = sum(p.numel() for p in params)
     say(
@@ -403,11 +405,12 @@ def _train(cfg: TrainConfig, world: World) -> dict:
         if world.is_main:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            reporters.log(record)
 
     def run_eval() -> bool:
         """Validation loss, best/ adapter, early stopping; True when patience is exhausted."""
         val = evaluate(model, val_batches, head, loss_fn, device, autocast, world)
-        log({"step": state["step"], "val_loss": val})
+        log({"step": state["step"], "val_loss": val, **accuracy.take(world, "val")})
         improved = state["best_val"] is None or val < state["best_val"]
         if improved:
             state["best_val"], state["evals_since_best"] = val, 0
@@ -473,6 +476,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
                         "loss": window["loss"] / max(1, window["steps"]),
                         "lr": scheduler.get_last_lr()[0], "grad_norm": norm_value,
                         "tokens_per_s": window["tokens"] / seconds, "skipped": state["skipped"],
+                        **accuracy.take(world),
                     }  # fmt: skip
                     postfix = dict(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                    tok_s=f"{record['tokens_per_s']:.0f}")  # fmt: skip
@@ -484,6 +488,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
                     say(
                         f"step {step}/{total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
                         f"grad norm {norm_value:.3f}, {record['tokens_per_s']:.0f} tokens/s"
+                        + (f", acc {record['acc']:.3f}" if "acc" in record else "")
                         + (f", mfu {postfix['mfu']}" if peak else "")
                     )
                     window.update(loss=0.0, steps=0, tokens=0, flops=0.0, t0=time.perf_counter())
@@ -526,6 +531,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
         _atomic_dir(out / "merged", lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     if world.is_main:
         plot_losses(records, out / "loss.png")
+    reporters.close()
     world.barrier()
 
     logged = [r["loss"] for r in records if "loss" in r]
@@ -549,3 +555,5 @@ def _train(cfg: TrainConfig, world: World) -> dict:
 
 
 __all__ = ["TrainConfig", "TrainingError", "config_to_dict", "train"]
+
+make_callable(sys.modules[__name__])  # `from trainer import train` is this module or its train(): both run
