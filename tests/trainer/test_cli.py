@@ -39,7 +39,8 @@ def test_help_lists_subcommands_and_every_key_with_its_real_default_in_readme_or
         assert _coerce(key, typed, from_cli=True) == default, (key, shown)  # the real default, not the demo's
         assert "[" not in shown and "'" not in shown, shown  # a list as one types it
         assert comment and comment in source, key  # the field's own comment
-    assert options["lr"][0] == "0.0002" and options["max_steps"][0] == "0" and options["output_dir"][0] == "outputs"
+    assert options["lr"][0] == "0.0002" and options["max_steps"][0] == "0"
+    assert options["output_dir"][0] == "outputs"
     assert options["lora_target_modules"][0] == "all-linear"
     assert "max_steps=200" in out  # the demo's settings are named as such
 
@@ -50,7 +51,7 @@ CASES = {
     "unknown key": (["--learning-rate", "1e-4"], "unknown key 'learning-rate'"),
     "wrong type": (["--max-steps", "ten"], "max_steps: expected int"),
     "bad value": (["--schedule", "step"], "schedule: 'step' is not one of"),
-    "too small": (["--max-tokens", "100", "--max-length", "200"], "max_tokens=100 is less than max_length=200"),
+    "too small": (["--max-tokens", "100", "--max-length", "200"], "max_tokens=100 is less than max_length"),
     "patience without validation": (["--patience", "2", "--val-file", ""], "needs validation data"),
     "override without resume": (["--resume-override", "lr"], "resume_override is set but resume is not"),
     "override of a fixed key": (["--resume", "auto", "--resume-override", "model"], "model cannot change"),
@@ -88,8 +89,11 @@ def test_settings_errors_are_one_line_exit_2_before_torch_is_imported(tmp_path):
 
 
 def test_help_through_python_m_does_not_import_torch():
-    code = "import runpy, sys; sys.argv = ['trainer', '--help']\ntry:\n    runpy.run_module('trainer', run_name='__main__')\n"
-    code += "except SystemExit as e:\n    assert e.code == 0\nprint('torch' in sys.modules)"
+    code = (
+        "import runpy, sys\nsys.argv = ['trainer', '--help']\n"
+        "try:\n    runpy.run_module('trainer', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert e.code == 0\nprint('torch' in sys.modules)"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert "--lora-target-modules all-linear" in run.stdout
     assert run.stdout.splitlines()[-1] == "False"

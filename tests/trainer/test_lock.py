@@ -21,9 +21,9 @@ def test_second_holder_is_refused_with_the_owner_named(tmp_path):
     with output_dir_lock(out):
         info = json.loads((out / LOCK_NAME).read_text())
         assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
-        with pytest.raises(OutputDirBusy, match=rf"in use by process {os.getpid()} on {socket.gethostname()}"):
-            with output_dir_lock(out):
-                pass
+        owner = rf"in use by process {os.getpid()} on {socket.gethostname()}"
+        with pytest.raises(OutputDirBusy, match=owner), output_dir_lock(out):
+            pass
     assert not (out / LOCK_NAME).exists()  # released on exit
     with output_dir_lock(out, say=pytest.fail):  # and free again, with nothing stale to report
         pass

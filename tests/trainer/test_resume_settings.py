@@ -84,17 +84,19 @@ def test_overrides_apply_from_the_next_step():
 
 
 def test_resume_refuses_a_changed_lr_then_applies_it_on_purpose(tmp_path, capsys):
-    args = ["--device", "cpu", "--max-tokens", "256", "--max-length", "256", "--log-every", "1", "--lr", "5e-3",
-            "--warmup", "0", "--schedule", "constant", "--save-every", "2", "--eval-every", "0", "--val-file", "",
-            "--output-dir", str(tmp_path)]  # fmt: skip
+    args = ["--device", "cpu", "--max-tokens", "256", "--max-length", "256", "--log-every", "1",
+            "--lr", "5e-3", "--warmup", "0", "--schedule", "constant", "--save-every", "2", "--eval-every", "0",
+            "--val-file", "", "--output-dir", str(tmp_path)]  # fmt: skip
     train(load_config([*args, "--max-steps", "2"]))
-    with pytest.raises(ConfigError, match=r"max_steps 2 -> 4, lr 0.005 -> 0.01; .* --resume-override max_steps,lr"):
+    refused = r"max_steps 2 -> 4, lr 0.005 -> 0.01; .* --resume-override max_steps,lr"
+    with pytest.raises(ConfigError, match=refused):
         train(load_config([*args, "--max-steps", "4", "--lr", "1e-2", "--resume", "auto"]))
     capsys.readouterr()
     override = ["--resume", "auto", "--resume-override", "max_steps,lr"]
     train(load_config([*args, "--max-steps", "4", "--lr", "1e-2", *override]))
     assert "resume override from step 3: max_steps 2 -> 4, lr 0.005 -> 0.01" in capsys.readouterr().out
-    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    records = map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+    lrs = [r["lr"] for r in records if "lr" in r]
     assert lrs == [5e-3, 5e-3, 1e-2, 1e-2]
     for path in (tmp_path / "train_config.yaml", tmp_path / "checkpoint-000004" / "train_config.yaml"):
         assert yaml.safe_load(path.read_text())["lr"] == 1e-2  # what actually ran
