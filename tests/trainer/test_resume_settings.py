@@ -85,8 +85,8 @@ def test_overrides_apply_from_the_next_step():
 
 def test_resume_refuses_a_changed_lr_then_applies_it_on_purpose(tmp_path, capsys):
     args = ["--device", "cpu", "--max-tokens", "256", "--max-length", "256", "--log-every", "1",
-            "--lr", "5e-3", "--warmup", "0", "--schedule", "constant", "--save-every", "2", "--eval-every", "0",
-            "--val-file", "", "--output-dir", str(tmp_path)]  # fmt: skip
+            "--lr", "5e-3", "--warmup", "0", "--schedule", "constant", "--save-every", "2",
+            "--eval-every", "0", "--val-file", "", "--output-dir", str(tmp_path)]  # fmt: skip
     train(load_config([*args, "--max-steps", "2"]))
     refused = r"max_steps 2 -> 4, lr 0.005 -> 0.01; .* --resume-override max_steps,lr"
     with pytest.raises(ConfigError, match=refused):
