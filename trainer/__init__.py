@@ -26,9 +26,12 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 def train(cfg: TrainConfig) -> dict:
     """Train a LoRA adapter as ``cfg`` says (see trainer/train.py); returns the final metrics: ``steps``,
     ``first_loss``, ``last_loss``, ``best_val_loss``, ``losses``, ``output_dir``, ..."""
+    from trainer.config import validate
+
+    cfg = validate(cfg)  # before torch is imported
     import trainer.train
 
-    return trainer.train(cfg)
+    return trainer.train.train(cfg)
 
 
 class _CallableModule(types.ModuleType):
