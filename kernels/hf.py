@@ -74,7 +74,9 @@ def _head(causal) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
     """(weight [V, H], bias [V] or None, softcap or None), read from the model at call time."""
     head = causal.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
-        raise ValueError(f"lm_head is a {type(head).__name__}, not nn.Linear; the fused loss cannot express it")
+        raise ValueError(
+            f"lm_head is a {type(head).__name__}, not nn.Linear; the fused loss cannot express it"
+        )
     config = causal.config.get_text_config() if hasattr(causal.config, "get_text_config") else causal.config
     for name in LOGIT_SCALERS:
         value = getattr(config, name, None)
@@ -154,7 +156,13 @@ def causal_lm_loss(
         hidden = hidden.to(weight.dtype)
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = masked_linear_cross_entropy(
-        hidden, weight, shift_labels, bias=bias, ignore_index=ignore_index, reduction=reduction, softcap=softcap
+        hidden,
+        weight,
+        shift_labels,
+        bias=bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        softcap=softcap,
     )
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):

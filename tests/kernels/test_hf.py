@@ -21,7 +21,9 @@ def _tiny(kind: str, vocab: int = V):
     configs = {
         "llama": lambda: transformers.LlamaConfig(**common, tie_word_embeddings=False),
         "qwen2-tied": lambda: transformers.Qwen2Config(**common, tie_word_embeddings=True),
-        "gemma2-softcap": lambda: transformers.Gemma2Config(**common, head_dim=8, final_logit_softcapping=2.0),
+        "gemma2-softcap": lambda: transformers.Gemma2Config(
+            **common, head_dim=8, final_logit_softcapping=2.0
+        ),
     }
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(configs[kind](), attn_implementation="eager")
@@ -168,7 +170,9 @@ def test_transformers_trainer_trains_the_same(tmp_path, monkeypatch):
     patched = use_masked_ce(copy.deepcopy(plain))
     calls = []
     real = kernels.hf.masked_linear_cross_entropy
-    monkeypatch.setattr(kernels.hf, "masked_linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        kernels.hf, "masked_linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     losses_a, weights_a = _train_with(transformers.Trainer, plain, tmp_path / "a")
     losses_b, weights_b = _train_with(transformers.Trainer, patched, tmp_path / "b")
     assert len(losses_a) == 2
@@ -178,12 +182,34 @@ def test_transformers_trainer_trains_the_same(tmp_path, monkeypatch):
     assert len(calls) == 4  # 2 steps of 2 micro-batches, each through the fused loss
 
 
-def test_trl_sft_trainer_trains_the_same(tmp_path):
+def _sft_train(model, tmp_path):
     trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(V)}
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t2")), pad_token="t0", eos_token="t1"
+    )
+    ids, _ = _batch(B=8, T=16, seed=3)
+    data = datasets.Dataset.from_list([{"input_ids": row[: 8 + i].tolist()} for i, row in enumerate(ids)])
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+    )  # fmt: skip
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_trl_sft_trainer_trains_the_same(tmp_path):
+    pytest.importorskip("trl")
     plain = _tiny("llama")
     patched = use_masked_ce(copy.deepcopy(plain))
-    losses_a, weights_a = _train_with(trl.SFTTrainer, plain, tmp_path / "a")
-    losses_b, weights_b = _train_with(trl.SFTTrainer, patched, tmp_path / "b")
+    losses_a, weights_a = _sft_train(plain, tmp_path / "a")
+    losses_b, weights_b = _sft_train(patched, tmp_path / "b")
+    assert len(losses_a) == 2
     assert losses_b == pytest.approx(losses_a, rel=1e-4)
     for name, w in weights_a.items():
         torch.testing.assert_close(weights_b[name], w, rtol=1e-4, atol=1e-5)
