@@ -16,8 +16,8 @@ V = 301  # not a multiple of any block size
 
 
 def _tiny(kind: str, vocab: int = V):
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
     configs = {
         "llama": lambda: transformers.LlamaConfig(**common, tie_word_embeddings=False),
         "qwen2-tied": lambda: transformers.Qwen2Config(**common, tie_word_embeddings=True),
@@ -152,7 +152,10 @@ def test_lower_peak_memory_and_no_logits_tensor():
 def _train_with(trainer_cls, model, tmp_path, **extra):
     ids, labels = _batch(B=8, T=16, masked=0.5, seed=3)
     labels[:4, :12] = -100  # micro-batches with very different label counts: num_items_in_batch matters
-    data = [{"input_ids": i, "labels": y, "attention_mask": torch.ones_like(i)} for i, y in zip(ids, labels)]
+    data = [
+        {"input_ids": i, "labels": y, "attention_mask": torch.ones_like(i)}
+        for i, y in zip(ids, labels, strict=True)
+    ]
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
         learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, **extra,
