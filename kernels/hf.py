@@ -15,6 +15,10 @@ design: the output's ``logits`` is None whenever ``labels`` is given (call witho
 ``generate`` does, to get logits: that path is unchanged), and a batch with no labelled position has loss
 0 with zero gradients instead of NaN.
 
+TRL: SFTTrainer versions that compute their token-accuracy and entropy metrics from ``outputs.logits``
+(TRL 0.x) fail on the missing logits; TRL versions with their own fused LM head (1.x) work, and so does
+transformers' Trainer.
+
 The head is read from the model itself, so one call serves every family: tied embeddings need nothing,
 Gemma 2/3's ``final_logit_softcapping`` becomes the kernel's softcap. A head the kernel cannot express (a
 non-Linear lm_head, a config that rescales the logits, anything else found by comparing with the model's

@@ -208,6 +208,10 @@ def _sft_train(model, tmp_path):
 
 def test_trl_sft_trainer_trains_the_same(tmp_path):
     pytest.importorskip("trl")
+    import trl.trainer.utils
+
+    if not hasattr(trl.trainer.utils, "add_fused_lm_head"):  # documented in kernels/hf.py
+        pytest.skip("this TRL's SFTTrainer computes its metrics from outputs.logits, which the patch omits")
     plain = _tiny("llama")
     patched = use_masked_ce(copy.deepcopy(plain))
     losses_a, weights_a = _sft_train(plain, tmp_path / "a")
