@@ -22,7 +22,8 @@ transformers' Trainer.
 The head is read from the model itself, so one call serves every family: tied embeddings need nothing,
 Gemma 2/3's ``final_logit_softcapping`` becomes the kernel's softcap. A head the kernel cannot express (a
 non-Linear lm_head, a config that rescales the logits, anything else found by comparing with the model's
-own logits on a few tokens) is refused with ValueError rather than trained on wrongly.
+own logits on a few tokens) is refused with ValueError rather than trained on wrongly. The head weight is
+read at every call, whole: sharding it (ZeRO-3, FSDP) is not supported.
 """
 
 from __future__ import annotations
@@ -104,12 +105,12 @@ def _check_head(causal) -> None:
     causal.eval()
     try:
         ids = torch.randint(0, weight.shape[0], (1, 8), generator=torch.Generator().manual_seed(0))
-        ids = ids.to(weight.device)
+        ids = ids.to(causal.get_input_embeddings().weight.device)
         hidden = _decoder(causal)(input_ids=ids, use_cache=False).last_hidden_state
         theirs = causal(input_ids=ids, use_cache=False).logits.float()
     finally:
         causal.train(was_training)
-    mine = torch.nn.functional.linear(hidden, weight, bias).float()
+    mine = torch.nn.functional.linear(hidden.to(weight.device), weight, bias).float().to(theirs.device)
     if softcap is not None:
         mine = softcap * torch.tanh(mine / softcap)
     err = ((mine - theirs).abs().max() / theirs.abs().max().clamp_min(1e-6)).item()
@@ -155,9 +156,9 @@ def causal_lm_loss(
     ``num_items_in_batch``."""
     if shift_labels is None:
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    shift_labels = shift_labels.to(hidden.device)
-    if hidden.dtype != weight.dtype:  # e.g. bf16 activations under autocast with an fp32 head
-        hidden = hidden.to(weight.dtype)
+    # the head's dtype and device: bf16 activations under autocast with an fp32 head, a model split over GPUs
+    hidden = hidden.to(weight.device, weight.dtype)
+    shift_labels = shift_labels.to(weight.device)
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = masked_linear_cross_entropy(
         hidden,
