@@ -1,7 +1,51 @@
-"""tritrain's LoRA fine-tuning trainer: ``python -m trainer``."""
+"""tritrain's LoRA fine-tuning trainer: ``python -m trainer``, or from Python::
 
+    from trainer import TrainConfig, train
+
+    cfg = TrainConfig(model="/models/Qwen2.5-0.5B-Instruct", template="chat_template",
+                      train_file="data/train.jsonl", val_file="", max_steps=100, output_dir="outputs/qwen")
+    result = train(cfg)
+    print(result["first_loss"], result["last_loss"], result["output_dir"])
+
+``train(cfg)`` checks the config as the command line does (ConfigError), then runs exactly what
+``python -m trainer`` runs and returns its final metrics. ``load_config(["--key", "value", ...])`` builds a
+config the way the command line does (the demo's settings included). Importing this package does not
+import torch: that waits for the first call of ``train``.
+"""
+
+import types
 import warnings
+
+from trainer.config import ConfigError, TrainConfig, load_config
 
 # PEFT calls transformers' deprecated `is_gradient_checkpointing` whenever it wraps or loads a model;
 # the warning is about PEFT's code, not the user's, and would otherwise print on every run.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train a LoRA adapter as ``cfg`` says (see trainer/train.py); returns the final metrics: ``steps``,
+    ``first_loss``, ``last_loss``, ``best_val_loss``, ``losses``, ``output_dir``, ..."""
+    from trainer.config import validate
+
+    cfg = validate(cfg)  # before torch is imported
+    import trainer.train
+
+    return trainer.train.train(cfg)
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, cfg: TrainConfig) -> dict:
+        from trainer.config import validate
+
+        return self.train(validate(cfg))
+
+
+def make_callable(module: types.ModuleType) -> None:
+    """Importing the submodule ``trainer.train`` rebinds the package attribute ``train`` to the module;
+    calling that module then calls its ``train``, so ``from trainer import train; train(cfg)`` works
+    whether or not the submodule was imported first."""
+    module.__class__ = _CallableModule
+
+
+__all__ = ["ConfigError", "TrainConfig", "load_config", "train"]

@@ -71,6 +71,10 @@ class TrainConfig:
     save_merged: bool = False  # at the end, also save the adapter merged into the base weights (merged/)
     output_dir: str = "outputs"  # where checkpoints, best/, final/, metrics.jsonl and loss.png go
     resume: str = ""  # "auto": the newest checkpoint in output_dir, or a checkpoint directory; empty: fresh
+    # on resume, settings that may differ from the checkpoint's (e.g. lr,warmup), applied from the next step
+    resume_override: list[str] = field(default_factory=list)
+    # "none", or also log to "tensorboard" and/or "wandb" (offline unless WANDB_MODE or WANDB_API_KEY is set)
+    report_to: list[str] = field(default_factory=lambda: ["none"])
     seed: int = 42  # seeds weights of the demo model, LoRA init, dropout and data order
 
 
@@ -182,6 +186,40 @@ def _check(cfg: TrainConfig) -> None:
         )
     if not 0 <= cfg.lora_dropout < 1:
         raise ConfigError(f"lora_dropout: must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.patience > 0 and not cfg.val_file:
+        raise ConfigError(f"patience={cfg.patience} needs validation data, but val_file is empty")
+    _check_output_dir(cfg.output_dir)
+    _check_report_to(cfg.report_to)
+    if cfg.resume_override:
+        from trainer.resume import check_override_keys
+
+        check_override_keys(cfg)
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """The output directory, or its first existing parent, must be a directory (not a file)."""
+    path = Path(output_dir)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == path else f"is inside {p}, which is a file"
+                raise ConfigError(f"output_dir: {output_dir} {what}; choose a directory")
+            return
+
+
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # report_to name -> module it needs
+
+
+def _check_report_to(names: list[str]) -> None:
+    import importlib.util
+
+    if names == ["none"]:
+        return
+    for name in names:
+        if name not in REPORTERS:
+            raise ConfigError(f"report_to: {name!r} is not one of none, {', '.join(REPORTERS)}")
+        if importlib.util.find_spec(REPORTERS[name]) is None:
+            raise ConfigError(f"report_to: {name} is not installed (pip install {REPORTERS[name]})")
 
 
 def load_config(argv: list[str] | None = None) -> TrainConfig:
@@ -225,6 +263,50 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     cfg = TrainConfig(**values)
     _check(cfg)
     return cfg
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """A config built in Python (``TrainConfig(lr=...)``) with each value converted to its field's type and
+    checked as ``load_config`` checks the command line; raises ConfigError."""
+    values = {name: _coerce(name, getattr(cfg, name), from_cli=False) for name in FIELDS}
+    cfg = TrainConfig(**values)
+    _check(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------- help text
+
+
+def field_help() -> list[tuple[str, str, str]]:
+    """(section, key, comment) of every field, in the order of the class: each field's one-line comment
+    (the one after it, or the one above it), and the section comment (after a blank line) it falls under:
+    the help text is the source's comments, so the two cannot drift apart."""
+    import inspect
+
+    lines = inspect.getsource(TrainConfig).splitlines()
+    found, section = [], ""
+    for i, line in enumerate(lines):
+        text = line.strip()
+        if text.startswith("#") and (not lines[i - 1].strip() or lines[i - 1].endswith(":")):
+            section = text.lstrip("# ")
+        name = text.partition(":")[0]
+        if name in FIELDS and not text.startswith("#"):
+            code, _, comment = text.partition("  # ")
+            if not comment:
+                comment = lines[i - 1].strip().lstrip("# ")
+            found.append((section, name, comment.strip()))
+    return found
+
+
+def show_value(value) -> str:
+    """A value as one types it after --key: true/false, comma-separated lists, "" for empty."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(value) or '""'
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value) if value != "" else '""'
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

@@ -14,6 +14,7 @@ Decoding is greedy by default and stops at the chat's end-of-turn tokens (GLM-4:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -54,6 +55,12 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def cache_argument(model) -> str:
+    """The name of the KV cache, in the forward's arguments and in its output: ``cache`` from transformers
+    5.2x on, ``past_key_values`` before; using the old name on a new version prints a deprecation warning."""
+    return "cache" if "cache" in inspect.signature(_base(model).forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def generate_ids(
     model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -77,10 +84,10 @@ def generate_ids(
         stops = stop_token_ids(tokenizer, base)
         ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
         out: list[int] = []
-        cache = None
+        cache, cache_name = None, cache_argument(model)
         while len(out) < max_new_tokens:
-            result = model(input_ids=ids, past_key_values=cache, use_cache=True)
-            cache = result.past_key_values
+            result = model(input_ids=ids, use_cache=True, **{cache_name: cache})
+            cache = getattr(result, cache_name)
             logits = result.logits[0, -1].float()
             if temperature == 0:
                 token = int(logits.argmax())

@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -37,11 +38,15 @@ import yaml
 from tqdm import tqdm
 
 from kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
+from trainer import make_callable
 from trainer.config import TrainConfig, config_to_dict, save_config
 from trainer.distributed import World, close_world, init_world
+from trainer.lock import output_dir_lock
 from trainer.model import decoder_hidden_states, prepare_model, resolve_dtype
 from trainer.packing import PackedBatch, collate_packed, epoch_rows, make_packed_batches, pack
 from trainer.parallel import Single, load_cpu, make_strategy
+from trainer.reporting import Reporters, TokenAccuracy
+from trainer.resume import apply_overrides, compare_with_checkpoint
 
 
 class TrainingError(RuntimeError):
@@ -287,23 +292,6 @@ def find_checkpoint(cfg: TrainConfig) -> Path | None:
     return found[-1].parent if found else None
 
 
-# Settings that decide which rows a step sees: resuming with other values would replay different data.
-RESUME_MUST_MATCH = ("model", "train_file", "template", "loss_on", "max_length", "overlong",
-                     "max_tokens", "grad_accum", "epochs", "max_steps", "seed", "lora_r",
-                     "lora_target_modules", "lora_target_experts", "parallel")  # fmt: skip
-
-
-def check_resume_settings(path: Path, cfg: TrainConfig) -> None:
-    saved_cfg = yaml.safe_load((path / "train_config.yaml").read_text())
-    for key in RESUME_MUST_MATCH:
-        saved = saved_cfg.get(key, getattr(TrainConfig, key, None))  # keys newer than the checkpoint
-        if saved != getattr(cfg, key):
-            raise TrainingError(
-                f"resume: {path} was made with {key}={saved!r}, this run has "
-                f"{getattr(cfg, key)!r}; use the same setting or start a fresh output_dir"
-            )
-
-
 # ---------------------------------------------------------------------------------------- the run
 
 
@@ -336,6 +324,8 @@ class Run:
     records: list = field(default_factory=list)  # metrics.jsonl, this run's and the resumed run's
     losses: list = field(default_factory=list)  # every step of this run, in order
     updating: bool = False  # inside an optimizer update: an interrupt now cannot save a checkpoint
+    accuracy: TokenAccuracy | None = None  # trained-token accuracy, counted by the loss
+    reporters: Reporters | None = None  # report_to: TensorBoard, W&B (rank 0)
 
     def say(self, line: str) -> None:
         if self.world.is_main:
@@ -346,6 +336,8 @@ class Run:
         if self.world.is_main:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.reporters is not None:
+                self.reporters.log(record)
 
 
 def setup_model(cfg: TrainConfig, say=print):
@@ -416,11 +408,13 @@ def setup(cfg: TrainConfig, world: World) -> Run:
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     state = dict(step=0, epoch=0, row=0, first_loss=None, best_val=None, evals_since_best=0, skipped=0,
                  bad_in_row=0, world_size=world.size)  # fmt: skip
+    loss_fn = fused_loss(cfg.loss_backend)
+    accuracy = TokenAccuracy(loss_fn, device)  # counted by the loss in the same pass, when it can
     return Run(
         cfg=cfg, world=world, strategy=strategy, model=model, tokenizer=tokenizer, head=head,
-        loss_fn=fused_loss(cfg.loss_backend), device=device, dtype=dtype, autocast=autocast, params=params,
-        optimizer=optimizer, scheduler=scheduler, flops=flops, train_data=train_data, bins=bins,
-        val_batches=make_packed_batches(val_data, cfg.max_tokens) if val_data else [],
+        loss_fn=accuracy.wrap(loss_fn), accuracy=accuracy, device=device, dtype=dtype, autocast=autocast,
+        params=params, optimizer=optimizer, scheduler=scheduler, flops=flops, train_data=train_data,
+        bins=bins, val_batches=make_packed_batches(val_data, cfg.max_tokens) if val_data else [],
         rows_per_step=rows_per_step, total_steps=total_steps, out=out, state=state,
     )  # fmt: skip
 
@@ -445,6 +439,7 @@ def resume(run: Run) -> None:
     if run.world.is_main:
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run.records))
         save_config(cfg, out / "train_config.yaml")
+    run.reporters = Reporters(cfg, out, enabled=run.world.is_main)
 
 
 def save_checkpoint(run: Run) -> Path:
@@ -466,7 +461,8 @@ def save_checkpoint(run: Run) -> Path:
 
 def load_checkpoint(run: Run, path: Path) -> None:
     """Every rank loads the same checkpoint and its own random state."""
-    check_resume_settings(path, run.cfg)
+    saved_cfg = yaml.safe_load((path / "train_config.yaml").read_text())
+    changed = compare_with_checkpoint(saved_cfg, run.cfg, path)  # trainer/resume.py
     state = json.loads((path / "state.json").read_text())
     saved_world = state.setdefault("world_size", 1)  # checkpoints from before multi-process runs: one
     if saved_world != run.world.size:  # a step is grad_accum rows per process: other steps, other schedule
@@ -477,6 +473,8 @@ def load_checkpoint(run: Run, path: Path) -> None:
     run.strategy.load_state(run.model, run.optimizer, path)
     run.scheduler.load_state_dict(load_cpu(path / "scheduler.pt")["scheduler"])
     set_rng_state(load_cpu(path / f"rng-rank{run.world.rank}.pt"), run.device)
+    if overrides := apply_overrides(changed, run.cfg, run.optimizer, run.scheduler):
+        run.say(overrides)
     run.state = state
 
 
@@ -545,9 +543,12 @@ class Progress:
             "step": step, "epoch": run.state["epoch"], "loss": window["loss"] / max(1, window["steps"]),
             "lr": run.scheduler.get_last_lr()[0], "grad_norm": window["norm"],
             "tokens_per_s": window["tokens"] / seconds, "skipped": run.state["skipped"],
+            **run.accuracy.take(run.strategy),
         }  # fmt: skip
         line = (f"step {step}/{run.total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
                 f"grad norm {window['norm']:.3f}, {record['tokens_per_s']:.0f} tokens/s")  # fmt: skip
+        if "acc" in record:
+            line += f", acc {record['acc']:.3f}"
         peak = peak_flops(run.device)
         if peak:  # global FLOPs over the peak of every process
             record["mfu"] = window["flops"] / seconds / (peak * run.world.size)
@@ -562,7 +563,7 @@ def run_eval(run: Run) -> bool:
     """Validation loss, best/ adapter, early stopping; True when patience is exhausted."""
     state = run.state
     val = evaluate(run.model, run.val_batches, run.head, run.loss_fn, run.device, run.autocast, run.strategy)
-    run.log({"step": state["step"], "val_loss": val})
+    run.log({"step": state["step"], "val_loss": val, **run.accuracy.take(run.strategy, "val")})
     improved = state["best_val"] is None or val < state["best_val"]
     if improved:
         state["best_val"], state["evals_since_best"] = val, 0
@@ -601,7 +602,8 @@ def train(cfg: TrainConfig) -> dict:
     except ValueError as e:
         raise TrainingError(str(e)) from None
     try:
-        return _train(cfg, world)
+        with output_dir_lock(cfg.output_dir, enabled=world.is_main, say=tqdm.write):  # trainer/lock.py
+            return _train(cfg, world)
     finally:
         close_world(world)
 
@@ -685,6 +687,8 @@ def finish(run: Run, stop_reason: str, last_eval: int | None, last_saved: int) -
     save_final_adapter(run, out / "final")
     if world.is_main:
         plot_losses(run.records, out / "loss.png")
+    if run.reporters is not None:
+        run.reporters.close()
     world.barrier()
     if cfg.save_merged:
         # rank 0 merges after every rank has left the process group: nobody waits in a collective
@@ -770,3 +774,5 @@ def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
 
 
 __all__ = ["TrainConfig", "TrainingError", "config_to_dict", "train"]
+
+make_callable(sys.modules[__name__])  # `from trainer import train` is this module or its train(): both run

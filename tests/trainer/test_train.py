@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import trainer.train as train_module
 from kernels import masked_linear_cross_entropy
-from trainer.config import load_config
+from trainer.config import ConfigError, load_config
 from trainer.data import DEMO_TRAIN_FILE, encode_file
 from trainer.model import apply_lora, enable_varlen_attention, lm_head_spec, load_model
 from trainer.packing import make_packed_batches
@@ -194,7 +194,7 @@ def test_resume_after_interrupt_gives_identical_losses(tmp_path, monkeypatch, ho
     logged = [r["loss"] for r in _lines(out / "metrics.jsonl") if "loss" in r]
     assert logged == pytest.approx(full)
 
-    with pytest.raises(TrainingError, match=r"made with max_tokens=256, this run has 512"):
+    with pytest.raises(ConfigError, match=r"made with other settings: max_tokens 256 -> 512"):
         train(_cfg(tmp_path / "b", *args, "--resume", "auto", "--max-tokens", "512"))
     with pytest.raises(TrainingError, match="already holds checkpoints .newest checkpoint-000008.: continue"):
         train(_cfg(tmp_path / "b", *args))

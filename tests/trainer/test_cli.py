@@ -1,0 +1,105 @@
+"""`python -m trainer`: the help text, and settings errors answered before torch is imported."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.__main__ import help_text, main
+from trainer.config import FIELDS, TrainConfig, _coerce
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _help_options() -> dict[str, tuple[str, str]]:
+    """{key: (default as shown, comment)} in the order the help lists them."""
+    found = {}
+    for line in help_text().splitlines():
+        m = re.match(r"^  --([a-z-]+) (\S+)\s+(.*)$", line)
+        if m:
+            found[m.group(1).replace("-", "_")] = (m.group(2), m.group(3))
+    return found
+
+
+def test_help_lists_subcommands_and_every_key_with_its_real_default_in_readme_order(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("train", "check", "generate"):
+        assert re.search(rf"^  {command} ", out, re.M), command
+    options = _help_options()
+    readme_keys = re.findall(r"^\| `(\w+)` \|", (ROOT / "README.md").read_text(), re.M)
+    assert list(options) == readme_keys == list(FIELDS)
+    source = (ROOT / "trainer" / "config.py").read_text()
+    for key, (shown, comment) in options.items():
+        default = getattr(TrainConfig(), key)
+        typed = "" if shown == '""' else shown
+        assert _coerce(key, typed, from_cli=True) == default, (key, shown)  # the real default, not the demo's
+        assert "[" not in shown and "'" not in shown, shown  # a list as one types it
+        assert comment and comment in source, key  # the field's own comment
+    assert options["lr"][0] == "0.0002" and options["max_steps"][0] == "0"
+    assert options["output_dir"][0] == "outputs"
+    assert options["lora_target_modules"][0] == "all-linear"
+    assert "max_steps=200" in out  # the demo's settings are named as such
+
+
+# Each case: arguments and a piece of the one-line error. Run in one fresh interpreter, which reports
+# whether torch had been imported when main() returned.
+CASES = {
+    "unknown key": (["--learning-rate", "1e-4"], "unknown key 'learning-rate'"),
+    "wrong type": (["--max-steps", "ten"], "max_steps: expected int"),
+    "bad value": (["--schedule", "step"], "schedule: 'step' is not one of"),
+    "too small": (["--max-tokens", "100", "--max-length", "200"], "max_tokens=100 is less than max_length"),
+    "patience without validation": (["--patience", "2", "--val-file", ""], "needs validation data"),
+    "override without resume": (["--resume-override", "lr"], "resume_override is set but resume is not"),
+    "override of a fixed key": (["--resume", "auto", "--resume-override", "model"], "model cannot change"),
+    "unknown reporter": (["--report-to", "mlflow"], "report_to: 'mlflow' is not one of"),
+    "output dir is a file": (["--output-dir", "{file}"], "is a file; choose a directory"),
+    "output dir inside a file": (["--output-dir", "{file}/run"], "which is a file"),
+    "check with a bad key": (["check", "--num-batches", "1", "--modle", "x"], "unknown key 'modle'"),
+    "explicit train": (["train", "--lr", "fast"], "lr: expected float"),
+}
+SCRIPT = """
+import contextlib, io, json, sys
+from trainer.__main__ import main
+results = {}
+for name, args in json.loads(sys.argv[1]).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(args)
+    results[name] = [rc, err.getvalue(), "torch" in sys.modules]
+print(json.dumps(results))
+"""
+
+
+def test_settings_errors_are_one_line_exit_2_before_torch_is_imported(tmp_path):
+    file = tmp_path / "a_file"
+    file.write_text("")
+    cases = {name: [a.format(file=file) for a in args] for name, (args, _) in CASES.items()}
+    run = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cases)], capture_output=True, text=True,
+                         cwd=ROOT, check=True)  # fmt: skip
+    results = json.loads(run.stdout.splitlines()[-1])
+    for name, (_, message) in CASES.items():
+        rc, err, torch_loaded = results[name]
+        assert rc == 2, (name, err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (name, err)
+        assert not torch_loaded, name
+
+
+def test_help_through_python_m_does_not_import_torch():
+    code = (
+        "import runpy, sys\nsys.argv = ['trainer', '--help']\n"
+        "try:\n    runpy.run_module('trainer', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert e.code == 0\nprint('torch' in sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert "--lora-target-modules all-linear" in run.stdout
+    assert run.stdout.splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("command", ["check", "generate"])
+def test_subcommand_help(command, capsys):
+    assert main([command, "--help"]) == 0
+    assert f"python -m trainer {command}" in capsys.readouterr().out

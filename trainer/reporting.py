@@ -1,0 +1,97 @@
+"""Where metrics go besides ``metrics.jsonl`` and ``loss.png`` (``report_to``), and trained-token accuracy.
+
+- TensorBoard: event files in ``<output_dir>/tensorboard`` (``tensorboard --logdir <output_dir>``).
+- Weights & Biases: a run in ``<output_dir>/wandb``, offline (``wandb sync`` later) unless ``WANDB_MODE``
+  or ``WANDB_API_KEY`` is set.
+
+Accuracy: the fraction of target tokens whose argmax logit is the label. The masked CE kernel counts it in
+the same pass when it takes ``correct=`` (a 0-d int64 device tensor it adds to, without a sync); with a
+loss function that does not, no accuracy is reported.
+"""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import os
+from pathlib import Path
+
+import torch
+
+from trainer.config import TrainConfig, config_to_dict
+
+
+class Reporters:
+    """Sends every metrics record to the backends of ``cfg.report_to``; does nothing when disabled."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, enabled: bool = True):
+        self.tensorboard = self.wandb = None
+        names = set(cfg.report_to) - {"none"} if enabled else set()
+        if "tensorboard" in names:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=str(out / "tensorboard"))
+        if "wandb" in names:
+            import wandb
+
+            configured = os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE")
+            mode = os.environ.get("WANDB_MODE") or ("online" if configured else "offline")
+            self.wandb = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "tritrain"), name=out.name, dir=str(out),
+                config=config_to_dict(cfg), mode=mode,
+            )  # fmt: skip
+        atexit.register(self.close)  # a crashed run still flushes what it logged
+
+    def log(self, record: dict) -> None:
+        step = record["step"]
+        values = {_tag(k): v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tensorboard is not None:
+            for tag, value in values.items():
+                self.tensorboard.add_scalar(tag, value, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _tag(key: str) -> str:
+    """metrics.jsonl key -> dashboard tag: val_loss -> val/loss, loss -> train/loss."""
+    return f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+
+
+class TokenAccuracy:
+    """Counts the target tokens and those predicted right, on the device, separately for training steps
+    (gradients on) and evaluation (no_grad); ``take`` sums them over the ranks and starts over."""
+
+    def __init__(self, loss_fn, device: torch.device):
+        self.supported = "correct" in inspect.signature(loss_fn).parameters
+        zero = lambda: torch.zeros((), dtype=torch.int64, device=device)
+        self.counts = {kind: (zero(), zero()) for kind in ("train", "val")}  # (correct, tokens)
+
+    def wrap(self, loss_fn):
+        """``loss_fn`` that also counts, when it can."""
+        if not self.supported:
+            return loss_fn
+
+        def counted(hidden, weight, labels, **kwargs):
+            correct, tokens = self.counts["train" if torch.is_grad_enabled() else "val"]
+            tokens += (labels != kwargs.get("ignore_index", -100)).sum()
+            return loss_fn(hidden, weight, labels, correct=correct, **kwargs)
+
+        return counted
+
+    def take(self, world, kind: str = "train") -> dict:
+        """``{"acc": correct / tokens}`` (``val_acc`` for kind "val") since the last take, or {} when the loss
+        function cannot count. Every rank must call it (one all-reduce)."""
+        if not self.supported:
+            return {}
+        correct, tokens = world.sum(torch.stack(self.counts[kind])).tolist()
+        for count in self.counts[kind]:
+            count.zero_()
+        return {"acc" if kind == "train" else "val_acc": correct / max(1, tokens)}
