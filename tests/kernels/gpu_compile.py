@@ -111,7 +111,7 @@ def compile_spec(spec: dict, capability: int) -> dict:
     return usage
 
 
-def run(modules: dict[str, list[str]], *, everything: bool, targets=None) -> list[dict]:
+def run(modules: dict[str, list[str]], *, everything: bool, targets=None, on_row=None) -> list[dict]:
     """Compile each module's specs (all, or the first of each kernel) for each target; one row per
     (spec, target) with the resources, or ``error``; a module that cannot be imported gives one row."""
     os.environ.pop("TRITON_INTERPRET", None)
@@ -144,6 +144,8 @@ def run(modules: dict[str, list[str]], *, everything: bool, targets=None) -> lis
                     row["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
                 row["shared_limit"] = SHARED_LIMIT[cc]
                 rows.append(row)
+                if on_row is not None:
+                    on_row(rows)
     return rows
 
 
@@ -172,9 +174,13 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     found = project_kernels()
     modules = {m: found.get(m, []) for m in MODULES} | found
-    rows = run(modules, everything=args.all)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+    def save(rows):  # after every row: a killed sweep still leaves what it compiled
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+
+    rows = run(modules, everything=args.all, on_row=save)
+    save(rows)
     if args.markdown:
         print(markdown(rows))
     return 0
