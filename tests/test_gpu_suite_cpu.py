@@ -25,8 +25,9 @@ def test_gpu_suite_tiny_dry_run(tmp_path):
     status = {s["name"]: (s["status"], s["notes"]) for s in sections}
     assert res.returncode == 0, (status, res.stdout[-3000:], res.stderr[-3000:])
     names = " | ".join(status)
-    for part in ("environment", "correctness: masked CE", "correctness: attention", "sync-free", "masked CE fwd+bwd",
-                 "attention fwd+bwd", "LoRA step", "short training run"):  # fmt: skip
+    expected = ("environment", "correctness: masked CE", "correctness: attention", "sync-free",
+                "masked CE fwd+bwd", "attention fwd+bwd", "LoRA step", "short training run")  # fmt: skip
+    for part in expected:
         assert part in names, names
     assert all(s["status"] == "ok" for s in sections), status
     rows = {s["name"].split(",")[0]: s["rows"] for s in sections}
