@@ -7,12 +7,16 @@ FLOP on rows whose label is ``ignore_index``.
 
 Strategy: gradient in forward with a bounded chunk scratch (DESIGN.md, option 1).
 
-1. Compact the valid rows (one host sync for the count and the label range check together).
+1. Compact the valid rows (one host sync for the count and the label range check together), or, with
+   ``assume_valid=True`` (the trainer hands over rows it compacted and checked on the host), nothing:
+   no sync, no gather, no check.
 2. Per chunk of ``C`` valid rows: ``logits = h_c @ W.T`` with fp32 accumulation and output (cuBLAS),
    then one Triton program per row turns its logits into loss, log-sum-exp and
    ``dlogits = softmax - (1 - eps) * onehot - eps / V`` (bias, softcap and its derivative folded in),
    written in place for fp32 inputs or into a scratch of the input dtype for bf16/fp16 so that
    ``dh_c = dlogits @ W`` and ``dW += dlogits.T @ h_c`` run on tensor cores.
+   The row kernel also counts, when asked (``correct=``), the rows whose argmax is the label: trained-token
+   accuracy from the pass that reads the logits anyway, added in place on the device.
 3. Backward only scales the stored ``dh`` by ``grad_output`` (and ``dW``/``db`` when trainable).
 
 Why this and not fully fused tiles (Cut Cross-Entropy): with a frozen head the chunk-scratch path
