@@ -141,11 +141,19 @@ def peak_mib(fn, device) -> float:
     return mode.peak / 2**20
 
 
-def measure(fn, device, reps) -> dict:
-    """ms and peak MiB of ``fn``; an out-of-memory becomes a result, not an error."""
+def measure(fn, device, reps, warmup=1) -> dict:
+    """ms and peak MiB of ``fn``; an out-of-memory becomes a result, not an error. On CUDA the peak is
+    read from the timed runs themselves; on CPU one more run is traced for it."""
     try:
-        ms = time_ms(fn, device, reps=reps)
-        return dict(ms=ms, peak_MiB=peak_mib(fn, device))
+        if device.type != "cuda":
+            return dict(ms=time_ms(fn, device, warmup=warmup, reps=reps), peak_MiB=peak_mib(fn, device))
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        ms = time_ms(fn, device, warmup=0, reps=reps)
+        return dict(ms=ms, peak_MiB=(torch.cuda.max_memory_allocated(device) - base) / 2**20)
     except torch.OutOfMemoryError:
         _empty_cache()
         return dict(ms=float("nan"), peak_MiB=float("nan"), note="out of memory")
@@ -234,27 +242,34 @@ def correctness(report, device, tiny):
 
 
 def _ce_correctness(N, H, V, dtype, device, opts) -> dict:
-    from kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
+    from kernels import masked_linear_cross_entropy_ref
+    from kernels.masked_ce import _masked_lce
 
     bias = opts.pop("bias", False)
     h, w, b, y = _ce_case(N, H, V, 0.5 if N > 1 else 0.0, dtype, device, bias=bias, trainable=True, seed=N)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    out = masked_linear_cross_entropy(h, w, y, bias=b, correct=correct, **opts)
     params = [t for t in (h, w, b) if t is not None]
-    grads = torch.autograd.grad(out, params)
     ref_params = [t.detach().double().requires_grad_() for t in params]
     hd, wd = ref_params[:2]
     bd = ref_params[2] if b is not None else None
-    ref = masked_linear_cross_entropy_ref(hd, wd, y, bias=bd, **opts)
-    ref_grads = torch.autograd.grad(ref, ref_params)
     logits = hd.detach() @ wd.detach().t() + (bd.detach() if bd is not None else 0)
     if "softcap" in opts:
         logits = opts["softcap"] * torch.tanh(logits / opts["softcap"])
+    # Half the labelled rows get their argmax as label, so that the accuracy count is informative.
+    hit = (torch.rand(N, generator=torch.Generator().manual_seed(N)) < 0.5).to(device) & (y != -100)
+    y = torch.where(hit, logits.argmax(-1), y)
     want_correct = int(((logits.argmax(-1) == y) & (y != -100)).sum())
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    # The Triton path, also on CPU (through the interpreter): the kernel the GPU runs.
+    out = _masked_lce(h, w, y, bias=b, correct=correct, impl="triton", **opts)
+    grads = torch.autograd.grad(out, params)
+    ref = masked_linear_cross_entropy_ref(hd, wd, y, bias=bd, **opts)
+    ref_grads = torch.autograd.grad(ref, ref_params)
     loss_err = rel_err(out, ref)
     grad_err = max(rel_err(g, r) for g, r in zip(grads, ref_grads, strict=True))
     tol_loss, tol_grad = CE_TOL[dtype]
-    ok = loss_err <= tol_loss and grad_err <= tol_grad and int(correct) == want_correct
+    # fp32 logits from bf16 products may reorder a near-tie against the fp64 reference: one row of slack.
+    slack = 0 if dtype == torch.float32 else max(1, N // 1000)
+    ok = loss_err <= tol_loss and grad_err <= tol_grad and abs(int(correct) - want_correct) <= slack
     label = str(opts or ("bias" if bias else ""))
     return {"shape": f"N={N} H={H} V={V}", "dtype": str(dtype)[6:], "options": label,
             "loss_rel_err": loss_err, "grad_rel_err": grad_err, "correct": f"{int(correct)}/{want_correct}",
@@ -482,8 +497,7 @@ def end_to_end(report, device, tiny, quick):
                     report.note(s, f"{provider}: skipped ({e})")
                     continue
                 try:
-                    epoch()  # warm-up
-                    m = measure(epoch, device, reps=1)
+                    m = measure(epoch, device, reps=1)  # one warm-up pass, one timed
                 except Exception as e:
                     m = dict(ms=float("nan"), note=f"{type(e).__name__}: {' '.join(str(e).split())[:150]}")
                 secs = m["ms"] / 1e3
