@@ -2,9 +2,9 @@
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` runs the whole pipeline down to a
 cubin with the ptxas shipped in the Triton wheel; ``cuobjdump -res-usage`` beside it reads registers,
-local memory (spills) and static shared memory from the cubin. Used by ``test_gpu_compile.py`` in a
-subprocess (the tests run under ``TRITON_INTERPRET=1``, where ``@triton.jit`` gives no compilable
-function), and on its own for the table in ``bench/RESULTS.md``:
+the stack frame and local memory (where ptxas puts spilled registers) and static shared memory from the
+cubin. Used by ``test_gpu_compile.py`` in a subprocess (the tests run under ``TRITON_INTERPRET=1``,
+where ``@triton.jit`` gives no compilable function), and on its own for the table in ``bench/RESULTS.md``:
 
     python tests/kernels/gpu_compile.py --all --markdown      # every spec, every target
     python tests/kernels/gpu_compile.py --json out.json       # the first spec of each kernel
@@ -77,7 +77,7 @@ def _cuobjdump() -> str:
 
 
 def resource_usage(cubin: bytes) -> dict:
-    """REG, LOCAL (spills, bytes per thread), STACK and static SHARED of the cubin's function."""
+    """REG, STACK (the frame ptxas spills registers into), LOCAL and static SHARED of the cubin's function."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -150,7 +150,7 @@ def run(modules: dict[str, list[str]], *, everything: bool, targets=None, on_row
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| kernel | config | target | registers | shared memory (bytes) | spills (local bytes) |",
+    lines = ["| kernel | config | target | registers | shared memory (bytes) | spills (stack+local bytes) |",
              "|---|---|---|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         if r.get("absent"):
@@ -160,7 +160,14 @@ def markdown(rows: list[dict]) -> str:
                 f"| {r['kernel']} | {r.get('config', '')} | {r.get('target', '')} | error: {r['error']} | | |"
             )
         else:
-            cells = (r["kernel"], r["config"], r["target"], r["reg"], r["shared"], r["local"])
+            cells = (
+                r["kernel"],
+                r["config"],
+                r["target"],
+                r["reg"],
+                r["shared"],
+                r["local"] + r.get("stack", 0),
+            )
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
