@@ -62,12 +62,26 @@ SHAPES = {
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False,
     ),
+    "llama3-8b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
+    "tiny": dict(  # the GPU suite's CPU dry run: the same code paths at toy size
+        model_type="qwen2", vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, use_sliding_window=False,
+    ),
 }  # fmt: skip
 # Per shape: conversations in the timed set, their mean length, tokens per packed row (ours), and
 # conversations per padded batch (HF: about the same real tokens per step, in shuffled data order).
 SETTINGS = {
     "cpu-small": dict(conversations=24, mean_tokens=700, max_tokens=4096, batch_size=6),
     "qwen2.5-1.5b": dict(conversations=256, mean_tokens=700, max_tokens=16384, batch_size=24),
+    "llama3-8b": dict(conversations=256, mean_tokens=700, max_tokens=16384, batch_size=24),
+    "tiny": dict(conversations=4, mean_tokens=80, max_tokens=1024, batch_size=2),
 }
 LORA = TrainConfig(lora_r=16, lora_alpha=32.0, lora_dropout=0.0)
 PROVIDERS = ("ours", "hf_padded")

@@ -7,12 +7,16 @@ FLOP on rows whose label is ``ignore_index``.
 
 Strategy: gradient in forward with a bounded chunk scratch (DESIGN.md, option 1).
 
-1. Compact the valid rows (one host sync for the count and the label range check together).
+1. Compact the valid rows (one host sync for the count and the label range check together), or, with
+   ``assume_valid=True`` (the trainer hands over rows it compacted and checked on the host), nothing:
+   no sync, no gather, no check.
 2. Per chunk of ``C`` valid rows: ``logits = h_c @ W.T`` with fp32 accumulation and output (cuBLAS),
    then one Triton program per row turns its logits into loss, log-sum-exp and
    ``dlogits = softmax - (1 - eps) * onehot - eps / V`` (bias, softcap and its derivative folded in),
    written in place for fp32 inputs or into a scratch of the input dtype for bf16/fp16 so that
    ``dh_c = dlogits @ W`` and ``dW += dlogits.T @ h_c`` run on tensor cores.
+   The row kernel also counts, when asked (``correct=``), the rows whose argmax is the label: trained-token
+   accuracy from the pass that reads the logits anyway, added in place on the device.
 3. Backward only scales the stored ``dh`` by ``grad_output`` (and ``dW``/``db`` when trainable).
 
 Why this and not fully fused tiles (Cut Cross-Entropy): with a frozen head the chunk-scratch path
@@ -163,9 +167,13 @@ def _ce_rows_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
+# (BLOCK_V, num_warps) of the row kernel, wide vocabularies first: two, so that the compile test covers all.
+# 8 fp32 values per thread per block: 4096-wide blocks with 8 warps spilled a few registers (ptxas, sm_80-100).
+ROW_CONFIGS = ((2048, 8), (1024, 4))
+
+
 def _row_config(V: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) of the row kernel: two configurations, so that the GPU compile test covers all."""
-    return (4096, 8) if V >= 8192 else (1024, 4)
+    return ROW_CONFIGS[0] if V >= 8192 else ROW_CONFIGS[1]
 
 
 def _is_gpu(t: torch.Tensor) -> bool:
@@ -664,7 +672,7 @@ def compile_specs() -> list[dict]:
         + [(True, dt, True, False) for dt in ("bf16", "fp16", "fp32")]
     )
     specs = []
-    for (block_v, num_warps), align in [(c, a) for c in ((4096, 8), (1024, 4)) for a in (True, False)]:
+    for (block_v, num_warps), align in [(c, a) for c in ROW_CONFIGS for a in (True, False)]:
         for compute_grad, grad_dt, row_scale, count_correct in variants:
             for flags in range(8):
                 constexprs = dict(

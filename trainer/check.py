@@ -82,10 +82,10 @@ def padded_loss_sum(model, batch, head, autocast, *, chunk_bytes: int = HF_LOSS_
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     softcap = getattr(base.config, "final_logit_softcapping", None) or None  # read here, not from `head`
+    # A padded batch has an attention_mask; a packed one (HF's padding-free mode) position_ids instead.
+    inputs = {k: getattr(batch, k, None) for k in ("input_ids", "attention_mask", "position_ids")}
     with autocast:
-        hidden = base.get_decoder()(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).last_hidden_state
+        hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
     labels = torch.nn.functional.pad(batch.labels, (0, 1), value=-100)[:, 1:]  # position t predicts t + 1
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(h.device)

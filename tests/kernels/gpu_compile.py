@@ -2,9 +2,9 @@
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` runs the whole pipeline down to a
 cubin with the ptxas shipped in the Triton wheel; ``cuobjdump -res-usage`` beside it reads registers,
-local memory (spills) and static shared memory from the cubin. Used by ``test_gpu_compile.py`` in a
-subprocess (the tests run under ``TRITON_INTERPRET=1``, where ``@triton.jit`` gives no compilable
-function), and on its own for the table in ``bench/RESULTS.md``:
+the stack frame and local memory (where ptxas puts spilled registers) and static shared memory from the
+cubin. Used by ``test_gpu_compile.py`` in a subprocess (the tests run under ``TRITON_INTERPRET=1``,
+where ``@triton.jit`` gives no compilable function), and on its own for the table in ``bench/RESULTS.md``:
 
     python tests/kernels/gpu_compile.py --all --markdown      # every spec, every target
     python tests/kernels/gpu_compile.py --json out.json       # the first spec of each kernel
@@ -77,7 +77,7 @@ def _cuobjdump() -> str:
 
 
 def resource_usage(cubin: bytes) -> dict:
-    """REG, LOCAL (spills, bytes per thread), STACK and static SHARED of the cubin's function."""
+    """REG, STACK (the frame ptxas spills registers into), LOCAL and static SHARED of the cubin's function."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -111,7 +111,7 @@ def compile_spec(spec: dict, capability: int) -> dict:
     return usage
 
 
-def run(modules: dict[str, list[str]], *, everything: bool, targets=None) -> list[dict]:
+def run(modules: dict[str, list[str]], *, everything: bool, targets=None, on_row=None) -> list[dict]:
     """Compile each module's specs (all, or the first of each kernel) for each target; one row per
     (spec, target) with the resources, or ``error``; a module that cannot be imported gives one row."""
     os.environ.pop("TRITON_INTERPRET", None)
@@ -144,11 +144,13 @@ def run(modules: dict[str, list[str]], *, everything: bool, targets=None) -> lis
                     row["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
                 row["shared_limit"] = SHARED_LIMIT[cc]
                 rows.append(row)
+                if on_row is not None:
+                    on_row(rows)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| kernel | config | target | registers | shared memory (bytes) | spills (local bytes) |",
+    lines = ["| kernel | config | target | registers | shared memory (bytes) | spills (stack+local bytes) |",
              "|---|---|---|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         if r.get("absent"):
@@ -158,7 +160,14 @@ def markdown(rows: list[dict]) -> str:
                 f"| {r['kernel']} | {r.get('config', '')} | {r.get('target', '')} | error: {r['error']} | | |"
             )
         else:
-            cells = (r["kernel"], r["config"], r["target"], r["reg"], r["shared"], r["local"])
+            cells = (
+                r["kernel"],
+                r["config"],
+                r["target"],
+                r["reg"],
+                r["shared"],
+                r["local"] + r.get("stack", 0),
+            )
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -172,9 +181,13 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     found = project_kernels()
     modules = {m: found.get(m, []) for m in MODULES} | found
-    rows = run(modules, everything=args.all)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+    def save(rows):  # after every row: a killed sweep still leaves what it compiled
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+
+    rows = run(modules, everything=args.all, on_row=save)
+    save(rows)
     if args.markdown:
         print(markdown(rows))
     return 0

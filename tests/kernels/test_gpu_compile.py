@@ -43,9 +43,8 @@ def _check_rows(rows):
         if "error" in r:
             bad.append(f"{r['kernel']} {r.get('config', '')} {r.get('target', '')}: {r['error']}")
         elif r["local"] != 0 or r.get("stack", 0) != 0:
-            bad.append(
-                f"{r['kernel']} {r['config']} {r['target']}: spills {r['local']} bytes of local memory"
-            )
+            spill = f"stack frame {r.get('stack', 0)} B, local {r['local']} B"  # ptxas spills into the frame
+            bad.append(f"{r['kernel']} {r['config']} {r['target']}: spills ({spill})")
         elif r["shared"] > r["shared_limit"]:
             bad.append(
                 f"{r['kernel']} {r['config']} {r['target']}: shared {r['shared']} > {r['shared_limit']}"

@@ -1,0 +1,653 @@
+"""Every GPU measurement the project claims, in one call, in order of value; each result written at once.
+
+    python bench/gpu_suite.py --quick            # one H100/H200: under 4 minutes
+    python bench/gpu_suite.py                    # the full run: under 9 minutes
+    python bench/gpu_suite.py --device cpu --tiny   # the same code paths at toy sizes (CI)
+
+Sections, in this order: environment; correctness of every kernel against its reference (three shapes,
+bf16 and fp32); the sync-free step (``torch.cuda.set_sync_debug_mode("error")``; on CPU the synchronising
+calls are counted); masked CE at N=16384, H=4096, V=151552, labelled fraction 0.3 and 1.0, forward +
+backward, frozen and trainable head: the FLOP floor (cuBLAS GEMMs of the labelled rows), ours, the
+full-logits reference, torch's chunked ``linear_cross_entropy``, Liger and Cut Cross-Entropy where
+importable (time, peak memory); attention backends (the project's Triton kernel, torch varlen, flash-attn);
+an end-to-end LoRA step on Qwen2.5-1.5B- and Llama-3-8B-shaped random models with layers cut: ours,
+padded HF, HF padding-free, HF + Liger (tokens/s, MFU, peak memory); a short bf16 training run whose loss
+must fall. Each section runs in its own try/except: a failure is recorded and the suite moves on. Results
+go to ``<out>/gpu_suite.md`` and ``<out>/gpu_suite.json``, rewritten after every result. Installs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import torch  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+class Report:
+    """Markdown and JSON of every result so far, rewritten after each one (a killed run keeps its table)."""
+
+    def __init__(self, out_dir: Path):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.md, self.json = out_dir / "gpu_suite.md", out_dir / "gpu_suite.json"
+        self.sections: list[dict] = []
+        self.t0 = time.perf_counter()
+
+    def _write(self):
+        lines = []
+        for s in self.sections:
+            lines += [f"## {s['name']} ({s['status']}, {s['seconds']:.1f} s)", ""]
+            if s["rows"]:
+                cols = list(dict.fromkeys(k for r in s["rows"] for k in r))
+                lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in s["rows"]]
+            lines += [f"- {n}" for n in s["notes"]] + [""]
+        self.md.write_text("\n".join(lines))
+        self.json.write_text(json.dumps(self.sections, indent=1, default=str))
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        s = dict(name=name, status="running", seconds=0.0, rows=[], notes=[])
+        self.sections.append(s)
+        self._write()
+        print(f"\n== {name}", flush=True)
+        start = time.perf_counter()
+        try:
+            yield s
+            s["status"] = "ok" if not any(r.get("pass") is False for r in s["rows"]) else "FAILED CHECKS"
+        except Exception as e:  # recorded, and the suite goes on with the next section
+            s["status"] = "error"
+            s["notes"].append(f"error: {type(e).__name__}: {' '.join(str(e).split())[:500]}")
+            s["notes"].append("at " + " <- ".join(traceback.format_exc().strip().splitlines()[-3:-1]))
+            print(traceback.format_exc(), flush=True)
+        finally:
+            s["seconds"] = time.perf_counter() - start
+            _empty_cache()
+            self._write()
+
+    def row(self, s: dict, **fields):
+        s["rows"].append(fields)
+        print("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in fields.items()), flush=True)
+        self._write()
+
+    def note(self, s: dict, text: str):
+        s["notes"].append(text)
+        print("  " + text, flush=True)
+        self._write()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else str(v)
+    return str(v)
+
+
+def _empty_cache():
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------ measurement
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device, *, warmup=1, reps=3) -> float:
+    """Median wall time of ``fn()`` in ms, the device synchronised around each call."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def peak_mib(fn, device) -> float:
+    """Peak memory ``fn()`` allocates beyond what was live before, MiB (CUDA allocator; CPU: live tensors)."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from bench_masked_ce import _PeakLive
+
+    with _PeakLive() as mode:
+        fn()
+    return mode.peak / 2**20
+
+
+def measure(fn, device, reps, warmup=1) -> dict:
+    """ms and peak MiB of ``fn``; an out-of-memory becomes a result, not an error. On CUDA the peak is
+    read from the timed runs themselves; on CPU one more run is traced for it."""
+    try:
+        if device.type != "cuda":
+            return dict(ms=time_ms(fn, device, warmup=warmup, reps=reps), peak_MiB=peak_mib(fn, device))
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        ms = time_ms(fn, device, warmup=0, reps=reps)
+        return dict(ms=ms, peak_MiB=(torch.cuda.max_memory_allocated(device) - base) / 2**20)
+    except torch.OutOfMemoryError:
+        _empty_cache()
+        return dict(ms=float("nan"), peak_MiB=float("nan"), note="out of memory")
+
+
+def rel_err(got, want) -> float:
+    scale = want.abs().max().item()
+    return (got.double() - want.double()).abs().max().item() / max(scale, 1e-30)
+
+
+# ------------------------------------------------------------------------------------------- sections
+
+
+def environment(report, args, device):
+    from benchutil import git_commit
+
+    with report.section("environment") as s:
+        versions = {"python": platform.python_version(), "torch": torch.__version__}
+        for mod in ("triton", "transformers", "peft", "flash_attn", "liger_kernel", "cut_cross_entropy"):
+            try:
+                versions[mod] = getattr(importlib.import_module(mod), "__version__", "installed")
+            except Exception:
+                versions[mod] = "absent"
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+        report.row(s, device=name, mode=mode, date=date, commit=git_commit(), **versions)
+
+
+def _ce_case(N, H, V, frac_masked, dtype, device, *, bias, trainable, seed):
+    gen = torch.Generator().manual_seed(seed)
+    h = (torch.randn(N, H, generator=gen) * 0.5).to(device, dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=gen) * (1.0 / H**0.5)).to(device, dtype).requires_grad_(trainable)
+    b = (torch.randn(V, generator=gen) * 0.1).to(device, dtype).requires_grad_(trainable) if bias else None
+    y = torch.randint(0, V, (N,), generator=gen)
+    y[torch.rand(N, generator=gen) < frac_masked] = -100
+    return h, w, b, y.to(device)
+
+
+CE_TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-4, 2e-2)}  # loss, gradient: relative to max
+ATTN_TOL = {torch.float32: 2e-3, torch.bfloat16: 2e-2}
+
+
+def correctness(report, device, tiny):
+    with report.section("correctness: masked CE vs reference (fp64)") as s:
+        shapes = [(7, 16, 97), (33, 24, 1500), (64, 32, 8200)] if tiny else [
+            (1, 64, 97), (1023, 512, 32003), (4096, 1024, 151552)]  # fmt: skip
+        options = [{"softcap": 30.0}, {"bias": True}, {"label_smoothing": 0.1}]
+        for (N, H, V), opts in zip(shapes, options, strict=True):
+            for dtype in (torch.float32, torch.bfloat16):
+                report.row(s, **_ce_correctness(N, H, V, dtype, device, dict(opts)))
+
+    with report.section("correctness: attention vs reference") as s:
+        from kernels.varlen_attention import select_backend, varlen_attention, varlen_attention_ref
+
+        impls = {f"varlen_attention ({select_backend()})": (varlen_attention, varlen_attention_ref, {})}
+        try:
+            fv = importlib.import_module("kernels.flash_varlen")
+            impls["flash_varlen (Triton)"] = (fv.flash_varlen_attention, fv.flash_varlen_attention_ref, {})
+            impls["flash_varlen window+softcap"] = (
+                fv.flash_varlen_attention,
+                fv.flash_varlen_attention_ref,
+                {"window": 64, "softcap": 30.0},
+            )
+        except ModuleNotFoundError:
+            report.note(
+                s, "kernels.flash_varlen absent: the project's Triton attention is not in this checkout"
+            )
+        lengths = (
+            [[5, 17, 3], [64, 1, 100, 31], [700, 300, 1]] if not tiny else [[5, 17, 3], [9, 1, 20], [40, 2]]
+        )
+        for name, (fn, ref_fn, extra) in impls.items():
+            for lens in lengths:
+                for dtype in (torch.float32, torch.bfloat16):
+                    if device.type == "cpu" and dtype == torch.bfloat16 and "varlen_attention" in name:
+                        continue  # the CPU reference backend is the reference itself
+                    q, k, v, cu, mx = _attn_inputs(lens, 8, 2, 64, dtype, device, seed=sum(lens))
+                    out = fn(q, k, v, cu, mx, causal=True, **extra)
+                    g = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+                    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+                    ref = ref_fn(qd, kd, vd, cu, mx, causal=True, **extra)
+                    gr = torch.autograd.grad(ref, (qd, kd, vd), torch.ones_like(ref))
+                    err = max([rel_err(out, ref)] + [rel_err(a, b) for a, b in zip(g, gr, strict=True)])
+                    report.row(s, kernel=name, lengths=str(lens), dtype=str(dtype)[6:], max_rel_err=err,
+                               **{"pass": err <= ATTN_TOL[dtype]})  # fmt: skip
+
+
+def _ce_correctness(N, H, V, dtype, device, opts) -> dict:
+    from kernels import masked_linear_cross_entropy_ref
+    from kernels.masked_ce import _masked_lce
+
+    bias = opts.pop("bias", False)
+    h, w, b, y = _ce_case(N, H, V, 0.5 if N > 1 else 0.0, dtype, device, bias=bias, trainable=True, seed=N)
+    params = [t for t in (h, w, b) if t is not None]
+    ref_params = [t.detach().double().requires_grad_() for t in params]
+    hd, wd = ref_params[:2]
+    bd = ref_params[2] if b is not None else None
+    logits = hd.detach() @ wd.detach().t() + (bd.detach() if bd is not None else 0)
+    if "softcap" in opts:
+        logits = opts["softcap"] * torch.tanh(logits / opts["softcap"])
+    # Half the labelled rows get their argmax as label, so that the accuracy count is informative.
+    hit = (torch.rand(N, generator=torch.Generator().manual_seed(N)) < 0.5).to(device) & (y != -100)
+    y = torch.where(hit, logits.argmax(-1), y)
+    want_correct = int(((logits.argmax(-1) == y) & (y != -100)).sum())
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    # The Triton path, also on CPU (through the interpreter): the kernel the GPU runs.
+    out = _masked_lce(h, w, y, bias=b, correct=correct, impl="triton", **opts)
+    grads = torch.autograd.grad(out, params)
+    ref = masked_linear_cross_entropy_ref(hd, wd, y, bias=bd, **opts)
+    ref_grads = torch.autograd.grad(ref, ref_params)
+    loss_err = rel_err(out, ref)
+    grad_err = max(rel_err(g, r) for g, r in zip(grads, ref_grads, strict=True))
+    tol_loss, tol_grad = CE_TOL[dtype]
+    # fp32 logits from bf16 products may reorder a near-tie against the fp64 reference: one row of slack.
+    slack = 0 if dtype == torch.float32 else max(1, N // 1000)
+    ok = loss_err <= tol_loss and grad_err <= tol_grad and abs(int(correct) - want_correct) <= slack
+    label = str(opts or ("bias" if bias else ""))
+    return {"shape": f"N={N} H={H} V={V}", "dtype": str(dtype)[6:], "options": label,
+            "loss_rel_err": loss_err, "grad_rel_err": grad_err, "correct": f"{int(correct)}/{want_correct}",
+            "pass": ok}  # fmt: skip
+
+
+def _attn_inputs(lens, hq, hkv, d, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    T = sum(lens)
+    q, k, v = (torch.randn(T, n, d, generator=gen).to(device, dtype).requires_grad_() for n in (hq, hkv, hkv))
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
+    return q, k, v, cu, max(lens)
+
+
+def sync_free(report, device):
+    from kernels import masked_linear_cross_entropy
+
+    with report.section("sync-free step") as s:
+        h, w, b, y = _ce_case(512, 64, 1000, 0.0, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                              device, bias=False, trainable=False, seed=0)  # fmt: skip
+        correct = torch.zeros((), dtype=torch.long, device=device)
+
+        def step():
+            loss = masked_linear_cross_entropy(h, w, y, assume_valid=True, correct=correct)
+            loss.backward()
+
+        step()  # warm up (Triton compiles, cuBLAS handles) outside the check
+        report.row(s, what="masked CE fwd+bwd, assume_valid, correct=", **_sync_check(step, device))
+        model_step = _tiny_train_step(device)
+        model_step()
+        result = _sync_check(model_step, device)
+        if device.type == "cpu":
+            # On CPU the reference attention reads its lengths on the host and the unfused AdamW its step
+            # count: the count is listed, not judged; on CUDA (fused AdamW, cu_seqlens kernels) it must be 0.
+            result.pop("pass")
+        report.row(s, what="LoRA step: forward_backward + AdamW (tiny model)", **result)
+
+
+def _sync_check(fn, device) -> dict:
+    """Run ``fn`` with synchronisation forbidden (CUDA) or counted (CPU: tests.synccount)."""
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+            torch.cuda.set_sync_debug_mode(0)
+            _sync(device)
+            return {"syncs": 0, "pass": True}
+        except RuntimeError as e:
+            return {"syncs": ">= 1", "first": " ".join(str(e).split())[:200], "pass": False}
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    from tests.synccount import count_syncs
+
+    with count_syncs() as syncs:
+        fn()
+    where = "; ".join(f"{n} at {w}" for n, w in syncs.calls[:3])
+    return {"syncs": syncs.count, "first": where, "pass": syncs.count == 0}
+
+
+def _tiny_train_step(device):
+    from bench_train import Bench
+
+    from kernels import masked_linear_cross_entropy
+    from trainer.train import forward_backward
+
+    bench = Bench("tiny", device)
+    bench.use("ours")
+    batch = bench.batches["ours"][0]
+    loss_fn = partial(masked_linear_cross_entropy, assume_valid=True)
+
+    def step():
+        forward_backward(bench.model, [batch], bench.head, loss_fn, device, bench.autocast)
+        bench.optimizer.step()
+        bench.optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def masked_ce(report, device, tiny, quick):
+    N, H, V = (128, 32, 2000) if tiny else (16384, 4096, 151552)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    reps = 1 if tiny else 3 if quick else 5
+    cases = [(0.3, False), (1.0, False), (0.3, True)] + ([] if quick else [(1.0, True)])
+    cases = [(0.3, False), (1.0, True)] if tiny else cases
+    with report.section(f"masked CE fwd+bwd, N={N} H={H} V={V}, {str(dtype)[6:]}") as s:
+        for labelled, trainable in cases:
+            _masked_ce_case(report, s, N, H, V, labelled, trainable, dtype, device, reps)
+            _empty_cache()
+
+
+def _masked_ce_case(report, s, N, H, V, labelled, trainable, dtype, device, reps):
+    from bench_masked_ce import providers
+
+    from kernels import masked_linear_cross_entropy
+
+    h, w, _, y = _ce_case(N, H, V, 1.0 - labelled, dtype, device, bias=False, trainable=trainable, seed=0)
+    n_lab = int((y != -100).sum())
+    idx = (y != -100).nonzero().squeeze(1)
+    floor_flops = (6.0 if trainable else 4.0) * n_lab * H * V
+    head = "trainable" if trainable else "frozen"
+
+    def run(loss_fn):
+        def go():
+            h.grad = w.grad = None
+            loss_fn().backward()
+
+        return go
+
+    fns = {"floor (cuBLAS GEMMs of the labelled rows)": _floor_gemms(h, w, n_lab, trainable)}
+    fns["ours"] = run(lambda: masked_linear_cross_entropy(h, w, y))
+    fns["ours, compacted (assume_valid, as the trainer)"] = run(
+        lambda: masked_linear_cross_entropy(h.index_select(0, idx), w, y[idx], assume_valid=True)
+    )
+    for name, fn in providers().items():
+        if name != "ours":
+            fns["reference (full fp32 logits)" if name == "reference" else name] = run(
+                partial(fn, h, w, y, None)
+            )
+    for name, fn in fns.items():
+        try:
+            m = measure(fn, device, reps)
+        except Exception as e:  # one provider failing must not hide the others
+            m = dict(ms=float("nan"), note=f"{type(e).__name__}: {' '.join(str(e).split())[:150]}")
+        tflops = floor_flops / (m["ms"] / 1e3) / 1e12 if m["ms"] == m["ms"] else float("nan")
+        report.row(s, labelled=labelled, head=head, provider=name, **m, TFLOPs_over_floor=tflops)
+
+
+def _floor_gemms(h, w, n, trainable):
+    """The GEMMs no implementation can avoid: logits and dh (and dW) of the n labelled rows, bf16 cuBLAS."""
+    hv = h.detach()[:n]
+    wd = w.detach()
+    g = torch.empty(n, wd.shape[0], dtype=h.dtype, device=h.device).normal_()
+
+    def go():
+        hv @ wd.t()
+        g @ wd
+        if trainable:
+            g.t() @ hv
+
+    return go
+
+
+def attention(report, device, tiny, quick):
+    from kernels.varlen_attention import _IMPORTS, torch_varlen_call, varlen_attention_ref
+
+    hq, hkv, d = (4, 2, 32) if tiny else (32, 8, 128)
+    total = 512 if tiny else 16384
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    lens = _conversation_lengths(total, 100 if tiny else 700)
+    with report.section(
+        f"attention fwd+bwd, {len(lens)} conversations, T={sum(lens)}, Hq={hq} Hkv={hkv} D={d}"
+    ) as s:
+        backends = {}
+        try:
+            fv = importlib.import_module("kernels.flash_varlen")
+            backends["project Triton (flash_varlen)"] = fv.flash_varlen_attention
+        except ModuleNotFoundError:
+            report.note(s, "kernels.flash_varlen absent")
+        if device.type == "cuda":
+            for name, label in (("torch_varlen", "torch varlen_attn"), ("flash_attn", "flash-attn")):
+                try:
+                    fn = _IMPORTS[name]()
+                except Exception as e:
+                    report.note(s, f"{label}: not available ({type(e).__name__})")
+                    continue
+                backends[label] = (
+                    partial(_call_torch_varlen, torch_varlen_call, fn) if name == "torch_varlen"
+                    else partial(_call_flash_attn, fn)
+                )  # fmt: skip
+        if device.type == "cpu" or tiny:
+            backends["reference (per-conversation SDPA)"] = varlen_attention_ref
+        flops = sum(3.5 * 2 * 2 * hq * d * n * n / 2 for n in lens)  # causal fwd (4·n²/2·D·H) + 2.5x bwd
+        q, k, v, cu, mx = _attn_inputs(lens, hq, hkv, d, dtype, device, seed=0)
+        for name, fn in backends.items():
+
+            def go(fn=fn):
+                q.grad = k.grad = v.grad = None
+                fn(q, k, v, cu, mx, causal=True).sum().backward()
+
+            try:
+                m = measure(go, device, 1 if tiny else 3 if quick else 5)
+            except Exception as e:
+                m = dict(ms=float("nan"), note=f"{type(e).__name__}: {' '.join(str(e).split())[:150]}")
+            report.row(s, backend=name, **m, TFLOPs=flops / (m["ms"] / 1e3) / 1e12)
+
+
+def _call_torch_varlen(call, fn, q, k, v, cu, mx, causal):
+    return call(fn, q, k, v, cu, mx, causal, None)
+
+
+def _call_flash_attn(fn, q, k, v, cu, mx, causal):
+    return fn(q, k, v, cu, cu, mx, mx, causal=causal)
+
+
+def _conversation_lengths(total, mean, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lens = []
+    while sum(lens) < total:
+        n = int(torch.empty(()).log_normal_(math.log(mean) - 0.5, 1.0, generator=gen).clamp(8, 8192))
+        lens.append(min(n, total - sum(lens)))
+    return [n for n in lens if n > 0]
+
+
+def end_to_end(report, device, tiny, quick):
+    import bench_train
+
+    if tiny:
+        models = [("tiny", None, None)]
+    elif quick:
+        models = [("qwen2.5-1.5b", 8, 64), ("llama3-8b", 2, 48)]
+    else:
+        models = [("qwen2.5-1.5b", 28, 128), ("llama3-8b", 6, 96)]
+    for shape, layers, conversations in models:
+        with report.section(f"LoRA step, {shape} shape" + (f", {layers} layers" if layers else "")) as s:
+            bench = bench_train.Bench(shape, device, num_layers=layers, conversations=conversations)
+            rows, batches = len(bench.batches["ours"]), len(bench.batches["hf_padded"])
+            report.note(s, f"{bench.tokens} real tokens, {rows} packed rows; hf_padded: "
+                           f"{bench.slots('hf_padded')} slots in {batches} batches; "
+                           "hf losses chunked (never [tokens, vocab] in fp32)")  # fmt: skip
+            flops, peak = _step_flops(bench, device)
+            for provider in ("ours", "hf_padded", "hf_padding_free", "hf_padded_liger"):
+                try:
+                    epoch = _provider_epoch(bench, provider, device)
+                except _Skip as e:
+                    report.note(s, f"{provider}: skipped ({e})")
+                    continue
+                try:
+                    m = measure(epoch, device, reps=1)  # one warm-up pass, one timed
+                except Exception as e:
+                    m = dict(ms=float("nan"), note=f"{type(e).__name__}: {' '.join(str(e).split())[:150]}")
+                secs = m["ms"] / 1e3
+                mfu = flops / secs / peak if peak and flops and secs == secs else float("nan")
+                report.row(
+                    s,
+                    provider=provider,
+                    seconds=secs,
+                    tokens_per_s=bench.tokens / secs,
+                    MFU=mfu,
+                    peak_MiB=m.get("peak_MiB", float("nan")),
+                    **({"note": m["note"]} if "note" in m else {}),
+                )
+            del bench
+            _empty_cache()
+
+
+class _Skip(Exception):
+    pass
+
+
+def _step_flops(bench, device):
+    try:
+        from trainer.train import peak_flops, step_flops
+    except ImportError:
+        return None, None
+    return step_flops(bench.model, bench.batches["ours"]), peak_flops(device)
+
+
+def _provider_epoch(bench, provider, device):
+    """A callable running every conversation of the bench's set once through ``provider``."""
+    from trainer.check import padded_loss_sum
+
+    if provider in ("ours", "hf_padded"):
+        return lambda: (bench.use(provider), bench.epoch(provider))
+    if provider == "hf_padding_free":
+        # transformers' padding-free mode: packed rows, position_ids restarting per conversation, a
+        # flash-attention implementation that reads the boundaries from them (sdpa would mix conversations).
+        try:
+            importlib.import_module("flash_attn")
+        except Exception as e:
+            raise _Skip("flash-attn is not installed: transformers has no padding-free sdpa") from e
+
+        def run():
+            bench.base.set_attn_implementation("flash_attention_2")
+            for b in bench.batches["ours"]:
+                (
+                    padded_loss_sum(bench.model, b, bench.head, bench.autocast) / max(1, b.num_loss_tokens)
+                ).backward()
+                bench.optimizer.step()
+                bench.optimizer.zero_grad(set_to_none=True)
+            bench.sync()
+
+        return run
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except Exception as e:
+        raise _Skip("liger-kernel is not installed") from e
+
+    def run_liger():
+        if not getattr(bench, "_liger", False):
+            _apply_liger_kernel_to_instance(model=bench.base)  # last provider: it patches the model for good
+            bench._liger = True
+        bench.use("hf_padded")
+        for b in bench.batches["hf_padded"]:
+            with bench.autocast:
+                loss = bench.model(
+                    input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels
+                ).loss
+            loss.backward()
+            bench.optimizer.step()
+            bench.optimizer.zero_grad(set_to_none=True)
+        bench.sync()
+
+    return run_liger
+
+
+def training_run(report, device, tiny, quick):
+    import bench_train
+
+    from kernels import masked_linear_cross_entropy
+    from trainer.train import forward_backward
+
+    steps = 6 if tiny else 20 if quick else 40
+    with report.section(f"short training run ({steps} steps, LoRA, ours)") as s:
+        shape, layers = ("tiny", None) if tiny else ("qwen2.5-1.5b", 4)
+        bench = bench_train.Bench(shape, device, num_layers=layers, conversations=None if tiny else 32)
+        for group in bench.optimizer.param_groups:
+            group["lr"] = 1e-2 if tiny else 2e-3
+        bench.use("ours")
+        loss_fn = partial(masked_linear_cross_entropy, assume_valid=True)
+        batches = bench.batches["ours"]
+        losses = []
+        for i in range(steps):
+            loss = forward_backward(bench.model, [batches[i % len(batches)]], bench.head, loss_fn, device,
+                                    bench.autocast)  # fmt: skip
+            bench.optimizer.step()
+            bench.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss)
+        losses = [float(x) for x in torch.stack(losses).tolist()]  # one sync at the end
+        n = len(batches)
+        first, last = sum(losses[:n]) / n, sum(losses[-n:]) / n  # the same rows at the start and the end
+        report.row(
+            s,
+            dtype=str(bench.dtype)[6:],
+            first_pass_loss=first,
+            last_pass_loss=last,
+            finite=all(map(math.isfinite, losses)),
+            **{"pass": last < first and math.isfinite(last)},
+        )
+        report.note(s, "losses: " + " ".join(f"{x:.3f}" for x in losses))
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+SECTIONS = ("environment", "correctness", "sync", "masked_ce", "attention", "e2e", "train")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
+    p.add_argument("--quick", action="store_true", help="the short run: under 4 minutes on an H100/H200")
+    p.add_argument("--tiny", action="store_true", help="toy sizes (the CPU dry run of CI)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "gpu_suite_results"), help="output directory")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
+    args = p.parse_args(argv)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels run through the interpreter
+    torch.manual_seed(0)
+    report = Report(Path(args.out))
+    run = {
+        "environment": lambda: environment(report, args, device),
+        "correctness": lambda: correctness(report, device, args.tiny),
+        "sync": lambda: sync_free(report, device),
+        "masked_ce": lambda: masked_ce(report, device, args.tiny, args.quick),
+        "attention": lambda: attention(report, device, args.tiny, args.quick),
+        "e2e": lambda: end_to_end(report, device, args.tiny, args.quick),
+        "train": lambda: training_run(report, device, args.tiny, args.quick),
+    }
+    for name in SECTIONS:
+        if name in args.only:
+            run[name]()
+    failed = [s["name"] for s in report.sections if s["status"] != "ok"]
+    print(f"\n{len(report.sections)} sections in {time.perf_counter() - report.t0:.0f} s; "
+          f"results in {report.md}" + (f"; not ok: {failed}" if failed else ""))  # fmt: skip
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
