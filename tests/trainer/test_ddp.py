@@ -94,8 +94,9 @@ def runs(tmp_path_factory):
     (data / "train.jsonl").write_text("\n".join(DEMO_TRAIN_FILE.read_text().splitlines()[:16]) + "\n")
     (data / "val.jsonl").write_text("\n".join(DEMO_VAL_FILE.read_text().splitlines()[:6]) + "\n")
     # one process with 2 rows a step sees the same rows per step as 2 processes with 1 row each
-    single = train(load_config(_args(data, tmp / "single", grad_accum=2)))
-    ddp = _torchrun(_args(data, tmp / "ddp", grad_accum=1))
+    merged = ["--save-merged", "true"]  # under torchrun: merged after the process group is closed
+    single = train(load_config([*_args(data, tmp / "single", grad_accum=2), *merged]))
+    ddp = _torchrun([*_args(data, tmp / "ddp", grad_accum=1), *merged])
     fsdp = _torchrun([*_args(data, tmp / "fsdp", grad_accum=1), "--parallel", "fsdp"])
     return tmp, data, single, ddp, fsdp
 
@@ -135,7 +136,12 @@ def test_two_processes_match_one(runs, parallel):
 def test_only_rank_0_writes(runs):
     tmp, _, _, ddp, _ = runs
     names = {run: sorted(p.name for p in (tmp / run).iterdir()) for run in ("single", "ddp", "fsdp")}
-    assert names["ddp"] == names["single"] == names["fsdp"]
+    assert names["ddp"] == names["single"] == sorted(names["fsdp"] + ["merged"])
+    a = load_file(tmp / "single" / "merged" / "model.safetensors")
+    b = load_file(tmp / "ddp" / "merged" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=key)
     lines = ddp.stdout.splitlines()
     assert sum(line.startswith("step 1/6: loss") for line in lines) == 1, ddp.stdout
     assert sum(line.startswith("model ") for line in lines) == 1, ddp.stdout
