@@ -193,17 +193,20 @@ def _grads(model) -> dict:
     return grads
 
 
+PARALLEL = ("ddp", "fsdp", "fsdp cpu offload")
+
+
 def _step_worker(rank: int, port: int, out: Path) -> None:
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
     world = init_world("cpu")
     try:
-        results = {"ddp": {}, "fsdp": {}}
-        for parallel in ("ddp", "fsdp"):
+        results = {parallel: {} for parallel in PARALLEL}
+        for parallel in PARALLEL:
             model, head, rows = _model_and_rows()
-            if parallel == "fsdp":
-                strategy = FullySharded(world)
+            if parallel != "ddp":
+                strategy = FullySharded(world, cpu_offload=parallel == "fsdp cpu offload")
                 model = strategy.wrap(model)
                 head = LiveHead(model.get_base_model().get_output_embeddings(), None, strategy)
             for case, group in (("5 rows", rows), ("1 row", rows[:1])):  # 1 row: rank 1 has none
@@ -235,7 +238,7 @@ def test_step_gradients_of_two_processes_equal_one(tmp_path):
     assert torch.equal(drawn0, again0) and torch.equal(drawn1, again1)  # each rank's stream continues
     assert not torch.equal(drawn0, drawn1)  # and it is its own, not rank 0's
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["rng-rank0.pt", "rng-rank1.pt"]
-    for parallel in ("ddp", "fsdp"):
+    for parallel in PARALLEL:
         _compare_step(model, head, rows, [results[parallel] for results in ranks], parallel)
 
 
