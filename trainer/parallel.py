@@ -120,9 +120,13 @@ class FullySharded(Single):
         # bf16 compute gathers every parameter in bf16 (LoRA's fp32 master copy stays sharded);
         # gradients come back and are summed in fp32
         param_dtype = None if self.compute_dtype == torch.float32 else self.compute_dtype
+        # pinned host memory needs CUDA; without it the offload still runs (tests on CPU)
+        offload = (
+            CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if self.cpu_offload else OffloadPolicy()
+        )
         policy = dict(
             mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
-            offload_policy=CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
+            offload_policy=offload,
         )
         base = model.get_base_model()
         decoder = base.get_decoder()

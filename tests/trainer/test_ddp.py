@@ -94,8 +94,9 @@ def runs(tmp_path_factory):
     (data / "train.jsonl").write_text("\n".join(DEMO_TRAIN_FILE.read_text().splitlines()[:16]) + "\n")
     (data / "val.jsonl").write_text("\n".join(DEMO_VAL_FILE.read_text().splitlines()[:6]) + "\n")
     # one process with 2 rows a step sees the same rows per step as 2 processes with 1 row each
-    single = train(load_config(_args(data, tmp / "single", grad_accum=2)))
-    ddp = _torchrun(_args(data, tmp / "ddp", grad_accum=1))
+    merged = ["--save-merged", "true"]  # under torchrun: merged after the process group is closed
+    single = train(load_config([*_args(data, tmp / "single", grad_accum=2), *merged]))
+    ddp = _torchrun([*_args(data, tmp / "ddp", grad_accum=1), *merged])
     fsdp = _torchrun([*_args(data, tmp / "fsdp", grad_accum=1), "--parallel", "fsdp"])
     return tmp, data, single, ddp, fsdp
 
@@ -135,7 +136,12 @@ def test_two_processes_match_one(runs, parallel):
 def test_only_rank_0_writes(runs):
     tmp, _, _, ddp, _ = runs
     names = {run: sorted(p.name for p in (tmp / run).iterdir()) for run in ("single", "ddp", "fsdp")}
-    assert names["ddp"] == names["single"] == names["fsdp"]
+    assert names["ddp"] == names["single"] == sorted(names["fsdp"] + ["merged"])
+    a = load_file(tmp / "single" / "merged" / "model.safetensors")
+    b = load_file(tmp / "ddp" / "merged" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=key)
     lines = ddp.stdout.splitlines()
     assert sum(line.startswith("step 1/6: loss") for line in lines) == 1, ddp.stdout
     assert sum(line.startswith("model ") for line in lines) == 1, ddp.stdout
@@ -187,17 +193,20 @@ def _grads(model) -> dict:
     return grads
 
 
+PARALLEL = ("ddp", "fsdp", "fsdp cpu offload")
+
+
 def _step_worker(rank: int, port: int, out: Path) -> None:
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
     world = init_world("cpu")
     try:
-        results = {"ddp": {}, "fsdp": {}}
-        for parallel in ("ddp", "fsdp"):
+        results = {parallel: {} for parallel in PARALLEL}
+        for parallel in PARALLEL:
             model, head, rows = _model_and_rows()
-            if parallel == "fsdp":
-                strategy = FullySharded(world)
+            if parallel != "ddp":
+                strategy = FullySharded(world, cpu_offload=parallel == "fsdp cpu offload")
                 model = strategy.wrap(model)
                 head = LiveHead(model.get_base_model().get_output_embeddings(), None, strategy)
             for case, group in (("5 rows", rows), ("1 row", rows[:1])):  # 1 row: rank 1 has none
@@ -229,7 +238,7 @@ def test_step_gradients_of_two_processes_equal_one(tmp_path):
     assert torch.equal(drawn0, again0) and torch.equal(drawn1, again1)  # each rank's stream continues
     assert not torch.equal(drawn0, drawn1)  # and it is its own, not rank 0's
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["rng-rank0.pt", "rng-rank1.pt"]
-    for parallel in ("ddp", "fsdp"):
+    for parallel in PARALLEL:
         _compare_step(model, head, rows, [results[parallel] for results in ranks], parallel)
 
 

@@ -8,7 +8,7 @@ import torch
 from trainer.config import load_config
 from trainer.model import apply_lora, load_model
 from trainer.quantize import quantize_nf4
-from trainer.train import train
+from trainer.train import FlopCounter, train
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -22,7 +22,9 @@ def test_nf4_keeps_the_weights_and_the_head():
         if type(m) is torch.nn.Linear
     }
     head = model.lm_head.weight.detach().clone()
+    size = FlopCounter(model).total
     quantize_nf4(model)
+    assert FlopCounter(model).total == size  # MFU counts the model's weights, not its packed bytes
     assert len(linears) == 4 * 6  # q, k, v, o, gate_up, down per layer
     for name, module in model.get_decoder().named_modules():
         if name not in linears:
