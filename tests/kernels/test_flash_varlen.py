@@ -17,11 +17,11 @@ def _cu(lengths):
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
-def _inputs(lengths, hq, hkv, d, dtype, sinks, seed=0):
+def _inputs(lengths, hq, hkv, d, dtype, sinks, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     t = sum(lengths)
-    q, k, v = (torch.randn(t, h, d, generator=g).to(dtype) for h in (hq, hkv, hkv))
-    s = torch.randn(hq, generator=g) if sinks else None
+    q, k, v = (torch.randn(t, h, d, generator=g).to(device, dtype) for h in (hq, hkv, hkv))
+    s = torch.randn(hq, generator=g).to(device) if sinks else None
     return q, k, v, s
 
 
@@ -31,13 +31,14 @@ def _run(fn, q, k, v, s, lengths, dtype, opts, seed=1):
     if s is not None:
         sink_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         leaves.append(s.detach().to(sink_dtype).requires_grad_())
-    out = fn(*leaves[:3], _cu(lengths), max(lengths), sinks=leaves[3] if s is not None else None, **opts)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    cu = _cu(lengths).to(q.device)
+    out = fn(*leaves[:3], cu, max(lengths), sinks=leaves[3] if s is not None else None, **opts)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
     return (out, *torch.autograd.grad(out, leaves, grad))
 
 
-def _compare(lengths, hq, hkv, d, dtype, *, sinks=False, **opts):
-    q, k, v, s = _inputs(lengths, hq, hkv, d, dtype, sinks)
+def _compare(lengths, hq, hkv, d, dtype, *, sinks=False, device="cpu", **opts):
+    q, k, v, s = _inputs(lengths, hq, hkv, d, dtype, sinks, device=device)
     got = _run(flash_varlen_attention, q, k, v, s, lengths, dtype, opts)
     gold = _run(flash_varlen_attention_ref, q, k, v, s, lengths, torch.float64, opts)
     names = ["out", "dq", "dk", "dv", "dsinks"]
@@ -181,3 +182,24 @@ def test_compile_specs_cover_the_launcher_choices():
 )
 def test_sweep(lengths, heads, d, dtype, opts):
     _compare(lengths, *heads, d, dtype, **opts)
+
+
+GPU_LENGTHS = [1, 700, 33, 2048, 129, 1, 900, 64, 3000, 17]  # mixed, none a multiple of the GPU blocks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 80, 128, 192, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("opts", [{}, {"window": 257, "softcap": 30.0, "sinks": True}])
+def test_gpu_matches_reference(d, dtype, opts):
+    _compare(GPU_LENGTHS, 8, 2, d, dtype, device="cuda", **opts)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_bit_identical_twice():
+    q, k, v, s = _inputs(GPU_LENGTHS, 8, 2, 128, torch.bfloat16, True, device="cuda")
+    opts = {"window": 1000, "deterministic": True}
+    first = _run(flash_varlen_attention, q, k, v, s, GPU_LENGTHS, torch.bfloat16, opts)
+    second = _run(flash_varlen_attention, q, k, v, s, GPU_LENGTHS, torch.bfloat16, opts)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
