@@ -339,17 +339,23 @@ class ChatTemplate:
 
     def _locate(self, text: str, conv: Conversation, flags, forms: list[str]) -> list[tuple[int, int, int]]:
         """Per message: (end of its assistant header, start of its first anchor, end of its last);
-        -1 where there is none. Anchors are searched in order, an assistant's after its header; a
-        trained message whose anchors are missing is unexpressible."""
+        -1 where there is none. Anchors are searched in order, an assistant's after its header and
+        its reasoning (when the template keeps it); a trained message whose anchors are missing is
+        unexpressible."""
         pos, out = 0, []
         for i, m in enumerate(conv.messages):
             anchors = self._anchors(m) if m["role"] != "system" else []  # templates move system text
             start, first, p = -1, -1, pos
             if m["role"] == "assistant" and anchors:
-                start = self._body_start(text, pos, len(text), forms)
+                start = self._assistant_start(text, pos, anchors[0], forms)
                 if start < 0 and flags[i]:
                     raise Unexpressible(f"message {i + 1}: the rendering has no assistant header for it")
                 p = max(start, pos)
+                reasoning = (m.get("reasoning_content") or "").strip()
+                turn_end = self.marker_re.search(text, p)
+                j = text.find(reasoning, p, turn_end.start() if turn_end else len(text)) if reasoning else -1
+                if j >= 0:  # kept by the template (before the turn's first marker): the answer comes after
+                    first, p = j, j + len(reasoning)
             for a in anchors:
                 j = text.find(a, p)
                 if j < 0:
@@ -363,6 +369,20 @@ class ChatTemplate:
             if first >= 0:
                 pos = p
         return out
+
+    def _assistant_start(self, text: str, pos: int, anchor: str, forms: list[str]) -> int:
+        """Where an assistant message's turn starts: after its header; where the template writes
+        none before it (DeepSeek after tool results), right after the added token before it."""
+        j = text.find(anchor, pos)
+        start = self._body_start(text, pos, len(text), forms)
+        if j < 0 or 0 <= start - len(forms[-1] if forms else "") <= j:
+            return start
+        closing = None
+        for closing in self.added_re.finditer(text, pos, j):
+            pass
+        if closing is None or text[closing.end() : j].strip():
+            return -1  # text between them that is no header we know (a role name?): refuse
+        return closing.end()
 
     def _body_start(self, text: str, lo: int, hi: int, forms: list[str]) -> int:
         """End of the assistant header in text[lo:hi]: the earliest place the shortest form occurs,

@@ -320,7 +320,9 @@ def test_chat_template_without_prefix_stability():
     e = encode_conversation(PLAIN, t, template="chat_template", loss_on="last")
     assert labelled_text(t, e) == "4, of course.<|im_end|>"
     # An earlier turn rendered without the assistant header cannot be labelled: one clear error.
-    with pytest.raises(DataError, match="message 3: the rendering has no assistant header|message 3: the chat"):
+    with pytest.raises(
+        DataError, match="message 3: the rendering has no assistant header|message 3: the chat"
+    ):
         encode_conversation(PLAIN, t, template="chat_template")
 
 
@@ -404,7 +406,9 @@ def test_encode_file_matches_per_conversation_and_summary(tmp_path, tok):
     assert "dropped 1" in s.format() and "no trainable token" in s.format()
 
     ds, s = encode_file(p, tok, max_length=1000, overlong="truncate", cache_dir=False, progress=False)
-    assert s.truncated == 0 and s.dropped_overlong == 0 and len(ds) == len(kept)  # its only turn is cut: none left
+    assert (
+        s.truncated == 0 and s.dropped_overlong == 0 and len(ds) == len(kept)
+    )  # its only turn is cut: none left
 
 
 def test_truncate_cuts_at_a_turn_boundary(tmp_path, tok):
@@ -420,7 +424,9 @@ def test_truncate_cuts_at_a_turn_boundary(tmp_path, tok):
     write_jsonl([{"messages": conv}], p)
     ds, s = encode_file(p, tok, max_length=300, overlong="truncate", cache_dir=False, progress=False)
     assert s.truncated == 1 and len(ds) == 1
-    end = max(i for i, t in enumerate(first.labels) if t != IGNORE) + 1  # the first turn, its end token included
+    end = (
+        max(i for i, t in enumerate(first.labels) if t != IGNORE) + 1
+    )  # the first turn, its end token included
     assert ds[0].input_ids == full.input_ids[:end] and ds[0].labels == full.labels[:end]
     assert tok.convert_ids_to_tokens(ds[0].labels[-1]) == "<|user|>"
 
