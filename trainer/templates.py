@@ -377,9 +377,8 @@ class ChatTemplate:
         start = self._body_start(text, pos, len(text), forms)
         if j < 0 or 0 <= start - len(forms[-1] if forms else "") <= j:
             return start
-        closing = None
-        for closing in self.added_re.finditer(text, pos, j):
-            pass
+        found = list(self.added_re.finditer(text, pos, j))
+        closing = found[-1] if found else None
         if closing is None or text[closing.end() : j].strip():
             return -1  # text between them that is no header we know (a role name?): refuse
         return closing.end()

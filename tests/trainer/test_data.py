@@ -7,7 +7,6 @@ import pytest
 from transformers import AutoTokenizer
 
 from trainer import data
-from trainer.fasttok import PieceEncoder
 from trainer.assets.synthetic import demo_conversations, generate_conversations, write_jsonl
 from trainer.data import (
     DEMO_TRAIN_FILE,
@@ -18,6 +17,7 @@ from trainer.data import (
     load_conversations,
     load_tokenizer,
 )
+from trainer.fasttok import PieceEncoder
 
 IGNORE = -100
 

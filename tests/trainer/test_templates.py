@@ -55,7 +55,8 @@ _TURN = {
     "glm": r"<\|assistant\|>(.*?(?:<\|user\|>|<\|observation\|>|$))",
     # V3.1's generation prompt (non-thinking) ends with <think></think>: not generated, not trained;
     # R1's template writes the answer after tool results with no header
-    "deepseek": r"(?:<｜Assistant｜>(?:<think></think>)?|<｜tool▁outputs?▁end｜>(?!\s*<｜tool▁output))(.*?<｜end▁of▁sentence｜>)",
+    "deepseek": r"(?:<｜Assistant｜>(?:<think></think>)?|<｜tool▁outputs?▁end｜>(?!\s*<｜tool▁output))"
+    r"(.*?<｜end▁of▁sentence｜>)",
 }
 
 # family: (fixture, turn format, special tokens, bos, eos)
@@ -64,24 +65,71 @@ FAMILIES = {
     "qwen3": ("Qwen-Qwen3-0.6B.jinja", "chatml", _CHATML, None, "<|im_end|>"),
     "qwen3-generation": ("trl-qwen3_training.jinja", "chatml-generation", _CHATML, None, "<|im_end|>"),
     "smollm3": ("HuggingFaceTB-SmolLM3-3B.jinja", "chatml", _CHATML, None, "<|im_end|>"),
-    "llama3.1": ("meta-llama-Llama-3.1-8B-Instruct.jinja", "llama3", _LLAMA, "<|begin_of_text|>", "<|eot_id|>"),
-    "llama3.2": ("meta-llama-Llama-3.2-3B-Instruct.jinja", "llama3", _LLAMA, "<|begin_of_text|>", "<|eot_id|>"),
-    "llama3.3": ("meta-llama-Llama-3.3-70B-Instruct.jinja", "llama3", _LLAMA, "<|begin_of_text|>", "<|eot_id|>"),
+    "llama3.1": (
+        "meta-llama-Llama-3.1-8B-Instruct.jinja",
+        "llama3",
+        _LLAMA,
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+    ),
+    "llama3.2": (
+        "meta-llama-Llama-3.2-3B-Instruct.jinja",
+        "llama3",
+        _LLAMA,
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+    ),
+    "llama3.3": (
+        "meta-llama-Llama-3.3-70B-Instruct.jinja",
+        "llama3",
+        _LLAMA,
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+    ),
     "mistral-small-3.2": ("Mistral-Small-3.2-24B-Instruct-2506.jinja", "mistral", _MISTRAL, "<s>", "</s>"),
     "mistral-nemo": ("mistralai-Mistral-Nemo-Instruct-2407.jinja", "mistral", _MISTRAL, "<s>", "</s>"),
     "gemma2": ("google-gemma-2-2b-it.jinja", "gemma", ["<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>"),
-    "gemma3": ("trl-gemma3.jinja", "gemma", ["<start_of_turn>", "<end_of_turn>", "<start_of_image>"], "<bos>", "<eos>"),
-    "phi3.5": ("microsoft-Phi-3.5-mini-instruct.jinja", "phi3", ["<|assistant|>", "<|end|>"], None, "<|endoftext|>"),
+    "gemma3": (
+        "trl-gemma3.jinja",
+        "gemma",
+        ["<start_of_turn>", "<end_of_turn>", "<start_of_image>"],
+        "<bos>",
+        "<eos>",
+    ),
+    "phi3.5": (
+        "microsoft-Phi-3.5-mini-instruct.jinja",
+        "phi3",
+        ["<|assistant|>", "<|end|>"],
+        None,
+        "<|endoftext|>",
+    ),
     "gpt-oss": ("openai-gpt-oss-120b.jinja", "gptoss", _GPTOSS, None, "<|return|>"),
     "glm4.5": ("trl-glm4moe.jinja", "glm", _GLM, None, "<|endoftext|>"),
     "glm4.6": ("GLM-4.6.jinja", "glm", _GLM, None, "<|endoftext|>"),
-    "deepseek-r1": ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", "deepseek", _DEEPSEEK,
-                    "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
-    "deepseek-v3": ("trl-deepseekv3.jinja", "deepseek", _DEEPSEEK, "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
-    "deepseek-v3.1": ("deepseek-ai-DeepSeek-V3.1.jinja", "deepseek", _DEEPSEEK,
-                      "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
-}  # fmt: skip
+    "deepseek-r1": (
+        "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja",
+        "deepseek",
+        _DEEPSEEK,
+        "<｜begin▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
+    ),
+    "deepseek-v3": (
+        "trl-deepseekv3.jinja",
+        "deepseek",
+        _DEEPSEEK,
+        "<｜begin▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
+    ),
+    "deepseek-v3.1": (
+        "deepseek-ai-DeepSeek-V3.1.jinja",
+        "deepseek",
+        _DEEPSEEK,
+        "<｜begin▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
+    ),
+}
 
+_CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TOOLS = [
     {
         "type": "function",
