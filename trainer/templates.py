@@ -235,6 +235,45 @@ def render(tokenizer, messages, tools=None, kwargs=None, *, generation_prompt=Fa
     return (texts[0], indices[0]) if spans else texts[0]
 
 
+def _with_reasoning_aliases(m: dict) -> dict:
+    # As transformers does: templates read reasoning as reasoning_content or (gpt-oss) thinking.
+    r = m.get("reasoning_content")
+    return m if r is None else {"thinking": r, **m, "reasoning_content": r}
+
+
+class FastRenderer:
+    """``render`` for one template, several times cheaper: the same compiled template and
+    environment as transformers, but the sandbox's attribute check (a function of the object's type
+    and the attribute's name only) is remembered instead of recomputed at every access."""
+
+    def __init__(self, tokenizer):
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        base = _compile_jinja_template(tokenizer.chat_template).environment
+        env = base.overlay()
+        env.__class__ = type("RememberingSandbox", (type(base),), {"is_safe_attribute": _remembered_check})
+        env._safe_attributes = {}
+        self.template = env.from_string(tokenizer.chat_template)
+        self.special = dict(tokenizer.special_tokens_map)
+
+    def __call__(self, messages, tools=None, kwargs=None) -> str:
+        return self.template.render(
+            messages=[_with_reasoning_aliases(m) for m in messages],
+            tools=tools,
+            documents=None,
+            add_generation_prompt=False,
+            **{**self.special, **(kwargs or {})},
+        )
+
+
+def _remembered_check(self, obj, attr, value):
+    key = (type(obj), attr)
+    hit = self._safe_attributes.get(key)
+    if hit is None:
+        hit = self._safe_attributes[key] = super(type(self), self).is_safe_attribute(obj, attr, value)
+    return hit
+
+
 def _string_arguments(messages: list[dict]) -> list[dict]:
     """Messages with tool-call arguments as JSON strings, for templates that concatenate them."""
     out = []
@@ -277,6 +316,7 @@ class ChatTemplate:
             "|".join(map(re.escape, sorted(markers, key=len, reverse=True))) or "(?!)"
         )
         self._headers: dict[str, tuple[str, list[str]]] = {}
+        self.fast_render = FastRenderer(tokenizer)
 
     def prepare(self, record):
         conv = normalize(record, glm4=False)
@@ -285,15 +325,17 @@ class ChatTemplate:
     # -- rendering -------------------------------------------------------------------------------
 
     def _render(self, conv: Conversation, spans: bool = False):
+        def once(messages):
+            if spans:
+                return render(self.tokenizer, messages, conv.tools, conv.kwargs, spans=True)
+            return self.fast_render(messages, conv.tools, conv.kwargs)
+
         try:
-            return render(self.tokenizer, conv.messages, conv.tools, conv.kwargs, spans=spans)
+            return once(conv.messages)
         except TypeError:
             if not any("tool_calls" in m for m in conv.messages):
                 raise
-            # A template that concatenates arguments as a string (DeepSeek-V3's): give it strings.
-            return render(
-                self.tokenizer, _string_arguments(conv.messages), conv.tools, conv.kwargs, spans=spans
-            )
+            return once(_string_arguments(conv.messages))  # a template that concatenates them (DeepSeek-V3)
 
     def header(self, kwargs: dict) -> tuple[str, list[str]]:
         """The assistant header as the generation prompt writes it, and its shorter forms (history
@@ -458,22 +500,33 @@ class ChatTemplate:
         return [r if isinstance(r, Unexpressible) else self._label(next(encs), r[1]) for r in rendered]
 
     def _label(self, enc, spans) -> Encoding:
-        ids, offsets = list(enc.ids), enc.offsets
+        """Tokens overlapping each character span are targets (found from the span's ends, not by
+        scanning every token's offsets)."""
+        ids = enc.ids
         mask = [False] * len(ids)
-        j = 0
         for start, end, has_marker in spans:
-            while j < len(offsets) and offsets[j][1] <= start:
-                j += 1
-            while j < len(offsets) and offsets[j][0] < end:
-                mask[j] = True
-                j += 1
+            first = _token_at(enc, start, end, +1)
+            last = _token_at(enc, end - 1, start - 1, -1)
+            if first is not None and last is not None and last >= first:
+                mask[first : last + 1] = [True] * (last + 1 - first)
             if not has_marker:  # no end-of-turn marker: the next token ends the turn, learn it
-                if j < len(ids):
-                    mask[j] = True
+                nxt = (last + 1) if last is not None else len(ids)
+                if nxt < len(ids):
+                    mask[nxt] = True
                 else:  # the conversation ends with this turn: append the end token as its target
                     ids.append(self.end_id)
                     mask.append(True)
         return ids, mask
+
+
+def _token_at(enc, char: int, stop: int, step: int) -> int | None:
+    """The token holding ``char``, or the nearest one towards ``stop`` (characters no token covers)."""
+    while char != stop:
+        t = enc.char_to_token(char)
+        if t is not None:
+            return t
+        char += step
+    return None
 
 
 TEMPLATES = {"glm4": Glm4Template, "chat_template": ChatTemplate}

@@ -318,3 +318,19 @@ def test_family_labels_match_reference(family, name):
     assert labelled_text(tok, e) == want
     full = render(tok, flat["messages"], flat.get("tools"))
     assert tok.decode(e.input_ids).startswith(full) or FAMILIES[fam][1] == "glm"
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_fast_render_equals_apply_chat_template(family, name):
+    from trainer.conversations import normalize
+    from trainer.templates import FastRenderer
+
+    fam, tok = family
+    conv = normalize(copy.deepcopy(CONVERSATIONS[name]), glm4=False)
+    try:
+        want = tok.apply_chat_template(conv.messages, tools=conv.tools, tokenize=False)
+    except Exception as e:  # the template refuses it: so must the fast path, with the same error
+        with pytest.raises(type(e)):
+            FastRenderer(tok)(conv.messages, conv.tools)
+        return
+    assert FastRenderer(tok)(conv.messages, conv.tools) == want
