@@ -163,11 +163,18 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
+_TOKEN_CHARS: dict = {}
+
+
 def _max_token_chars(tokenizer) -> int:
     """The most characters one token can stand for: ``len(text) / this`` bounds a text's token
     count from below, cheaply (byte-level vocabularies spell a token with one character a byte)."""
-    added = [t.content for t in tokenizer.backend_tokenizer.get_added_tokens_decoder().values()]
-    return max(max(map(len, tokenizer.backend_tokenizer.get_vocab())), max(map(len, added), default=1), 1)
+    key = (id(tokenizer), len(tokenizer))
+    if key not in _TOKEN_CHARS:
+        backend = tokenizer.backend_tokenizer
+        added = [t.content for t in backend.get_added_tokens_decoder().values()]
+        _TOKEN_CHARS[key] = max(max(map(len, backend.get_vocab())), max(map(len, added), default=1), 1)
+    return _TOKEN_CHARS[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,9 +269,9 @@ def _bounded(prepared, max_length: int, chars_per_token: int, overlong: str):
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer, template, loss_on, end_token, max_length, overlong):
+def _init_worker(tokenizer, template, loss_on, end_token, max_length, overlong, chars_per_token):
     _WORKER["template"] = make_template(template, tokenizer, loss_on, end_token)
-    _WORKER["chars_per_token"] = _max_token_chars(tokenizer)
+    _WORKER["chars_per_token"] = chars_per_token
     _WORKER["max_length"], _WORKER["overlong"] = max_length, overlong
 
 
@@ -403,7 +410,7 @@ def encode_file(
     if num_workers is None:
         num_workers = min(os.cpu_count() or 1, 8)
     num_workers = max(1, min(num_workers, len(chunks)))
-    init_args = (tokenizer, template, loss_on, end_token, max_length, overlong)
+    init_args = (tokenizer, template, loss_on, end_token, max_length, overlong, _max_token_chars(tokenizer))
 
     bar = None
     if progress:
