@@ -59,7 +59,8 @@ def _text(rng: np.random.Generator, n_words: int) -> str:
     kind = rng.random()
     n_words = max(1, int(n_words))
     if kind < 0.2:
-        return "，".join("".join(rng.choice(_ZH, size=int(rng.integers(2, 7)))) for _ in range(n_words // 4 + 1))
+        clauses = ("".join(rng.choice(_ZH, size=int(rng.integers(2, 7)))) for _ in range(n_words // 4 + 1))
+        return "，".join(clauses)
     if kind < 0.35:
         return "".join(rng.choice(_CODE, size=n_words // 6 + 1))
     return " ".join(rng.choice(_EN, size=n_words)) + "."
@@ -103,8 +104,8 @@ def mistral_tokenizers() -> dict:
     tekken = convert_tekken_tokenizer(str(data / "tekken_240718.json"), chat_template=template)
     spm_dir = Path(tempfile.mkdtemp(prefix="spm_"))
     shutil.copy(data / "mistral_instruct_tokenizer_240323.model.v3", spm_dir / "tokenizer.model")
-    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    (spm_dir / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": False}))
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>"}
+    (spm_dir / "tokenizer_config.json").write_text(json.dumps({**config, "unk_token": "<unk>", "legacy": False}))
     spm = AutoTokenizer.from_pretrained(str(spm_dir))
     spm.chat_template = template
     return {"tekken": tekken, "sentencepiece": spm}
@@ -114,13 +115,15 @@ def plain_loop(tok, records) -> tuple[int, float]:
     t0 = time.perf_counter()
     n = 0
     for r in records:
-        n += len(tok.apply_chat_template(r["messages"], tools=r.get("tools"), tokenize=True, return_dict=False))
+        ids = tok.apply_chat_template(r["messages"], tools=r.get("tools"), tokenize=True, return_dict=False)
+        n += len(ids)
     return n, time.perf_counter() - t0
 
 
 def ours(tok, path, cache, workers) -> tuple[object, float, float]:
     shutil.rmtree(cache, ignore_errors=True)  # the first encode must not find an old entry
-    common = dict(template="chat_template", max_length=1 << 20, num_workers=workers, cache_dir=cache, progress=False)
+    common = dict(template="chat_template", max_length=1 << 20, num_workers=workers, cache_dir=cache)
+    common["progress"] = False
     t0 = time.perf_counter()
     _, summary = encode_file(path, tok, **common)
     first = time.perf_counter() - t0

@@ -27,7 +27,8 @@ def demo():
 
 def _jsonl(tmp_path, records, name="d.jsonl", prefix=""):
     p = tmp_path / name
-    p.write_text(prefix + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    p.write_text(prefix + lines, encoding="utf-8")
     return p
 
 
@@ -138,16 +139,12 @@ def test_far_overlong_conversation_is_dropped_before_tokenizing(tmp_path, demo, 
     monkeypatch.setattr(
         templates.Glm4Template, "encode", lambda self, convs: seen.extend(convs) or encode(self, convs)
     )
-    huge = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 400_000}]}
-    ds, s = encode_file(
-        _jsonl(tmp_path, [RECORDS[0], huge]), demo, max_length=512, cache_dir=False, progress=False, num_workers=1
-    )
+    huge = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "w " * 400_000}]}
+    common = dict(max_length=512, cache_dir=False, progress=False, num_workers=1)
+    ds, s = encode_file(_jsonl(tmp_path, [RECORDS[0], huge]), demo, **common)
     assert s.dropped_overlong == 1 and len(ds) == 1
     assert all(len(c.messages[-1]["content"]) < 10_000 for c, _ in seen)  # never tokenized
-    ds, s = encode_file(
-        _jsonl(tmp_path, [huge, RECORDS[0]], "t.jsonl"), demo, max_length=512, overlong="truncate",
-        cache_dir=False, progress=False, num_workers=1,
-    )  # fmt: skip
+    ds, s = encode_file(_jsonl(tmp_path, [huge, RECORDS[0]], "t.jsonl"), demo, overlong="truncate", **common)
     assert len(ds) == 1 and s.skipped_no_label == 1
 
 
@@ -166,7 +163,8 @@ def test_tekken_tokenizer_labels(qwen3):
     for name in ("multi_turn", "tool_call", "loss_false"):
         rec = copy.deepcopy(CONVERSATIONS[name])
         e = encode_conversation(rec["messages"], tok, template="chat_template", tools=rec.get("tools"))
-        trained = [i for i, m in enumerate(rec["messages"]) if m["role"] == "assistant" and m.get("loss", True)]
+        msgs = rec["messages"]
+        trained = [i for i, m in enumerate(msgs) if m["role"] == "assistant" and m.get("loss", True)]
         assert labelled_text(tok, e) == reference_labels(tok, "mistral", rec, trained), name
-        full = tok.apply_chat_template(rec["messages"], tools=rec.get("tools"), tokenize=True, return_dict=False)
+        full = tok.apply_chat_template(msgs, tools=rec.get("tools"), tokenize=True, return_dict=False)
         assert e.input_ids == full  # one tokenization, the same ids as the plain path
