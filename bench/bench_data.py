@@ -104,8 +104,8 @@ def mistral_tokenizers() -> dict:
     tekken = convert_tekken_tokenizer(str(data / "tekken_240718.json"), chat_template=template)
     spm_dir = Path(tempfile.mkdtemp(prefix="spm_"))
     shutil.copy(data / "mistral_instruct_tokenizer_240323.model.v3", spm_dir / "tokenizer.model")
-    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>"}
-    (spm_dir / "tokenizer_config.json").write_text(json.dumps({**config, "unk_token": "<unk>", "legacy": False}))
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "legacy": False}
+    (spm_dir / "tokenizer_config.json").write_text(json.dumps({**config, "unk_token": "<unk>"}))
     spm = AutoTokenizer.from_pretrained(str(spm_dir))
     spm.chat_template = template
     return {"tekken": tekken, "sentencepiece": spm}
