@@ -136,7 +136,9 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     """``"demo"`` -> the built-in GLM-4-style tokenizer; anything else -> ``AutoTokenizer``.
 
     A tokenizer whose code lives in the model repository (GLM-4's ``glm-4-9b-chat``) needs
-    ``trust_remote_code=True``; without it the error says so. Offsets need a fast tokenizer.
+    ``trust_remote_code=True``; without it the error says so. Such a slow tokenizer serves
+    ``template="glm4"`` (each message tokenized by it, as GLM-4's code does); ``chat_template``
+    needs a fast one (character offsets).
     """
     from transformers import AutoTokenizer
 
@@ -150,14 +152,15 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
                 "(--trust-remote-code true) if you trust it"
             ) from None
         raise
-    if not getattr(tok, "is_fast", False):
-        raise ValueError(f"tokenizer {name_or_path} is not a fast tokenizer; offsets need one")
     return tok
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
     h = hashlib.sha256()
-    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    if getattr(tokenizer, "is_fast", False):
+        h.update(tokenizer.backend_tokenizer.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(str(tokenizer.chat_template).encode())
     h.update(f"{tokenizer.eos_token_id}".encode())
     return h.hexdigest()
@@ -171,9 +174,7 @@ def _max_token_chars(tokenizer) -> int:
     count from below, cheaply (byte-level vocabularies spell a token with one character a byte)."""
     key = (id(tokenizer), len(tokenizer))
     if key not in _TOKEN_CHARS:
-        backend = tokenizer.backend_tokenizer
-        added = [t.content for t in backend.get_added_tokens_decoder().values()]
-        _TOKEN_CHARS[key] = max(max(map(len, backend.get_vocab())), max(map(len, added), default=1), 1)
+        _TOKEN_CHARS[key] = max(map(len, tokenizer.get_vocab()), default=1)
     return _TOKEN_CHARS[key]
 
 

@@ -103,16 +103,20 @@ class Glm4Template:
     def __init__(self, tokenizer, loss_on: str, end_token):
         _check_common(tokenizer, loss_on)
         self.tokenizer, self.loss_on = tokenizer, loss_on
-        self.backend = tokenizer.backend_tokenizer
+        # GLM-4's own glm-4-9b-chat tokenizer (trust_remote_code) is a slow one: no backend, and each
+        # message is then tokenized by the tokenizer itself, exactly as GLM-4's code does.
+        self.backend = (
+            getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        )
         self.end_id = resolve_end_token(tokenizer, end_token, "glm4")
         self.prefix = "[gMASK]<sop>"
         self.prefix_ids = [token_id(tokenizer, "[gMASK]"), token_id(tokenizer, "<sop>")]
         if None in self.prefix_ids:
             raise ValueError("template='glm4' needs a tokenizer with [gMASK] and <sop> tokens")
-        self.fast = self._fast_rendering_matches()
+        self.fast = self.backend is not None and self._fast_rendering_matches()
         self.role_ids = {r: token_id(tokenizer, f"<|{r}|>") for r in GLM4_ROLES}
         self._tools_cache: dict[str, tuple] = {}
-        self.pieces = PieceEncoder.for_backend(self.backend)
+        self.pieces = PieceEncoder.for_backend(self.backend) if self.backend is not None else None
         if self.fast and self.pieces is not None:
             self.fast = self._direct_ids_match()
 
@@ -197,8 +201,16 @@ class Glm4Template:
             for slot, ids in zip(slots, self.pieces.encode_many(texts), strict=True):
                 toks[slot] += ids
             return toks
+        if self.backend is None:
+            return [self._slow_ids(m) for conv, _ in convs for m in conv.messages]
         texts = [t for conv, _ in convs for t in self._message_texts(conv.messages)]
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def _slow_ids(self, m: dict) -> list[int]:
+        ids = list(self.tokenizer.apply_chat_template([m], tokenize=True, return_dict=False))
+        if ids[:2] != self.prefix_ids:
+            raise ValueError(f"the chat template does not start with {self.prefix}")
+        return ids[2:]
 
     def encode(self, convs):
         toks, out, k = self._message_ids(convs), [], 0
@@ -303,6 +315,10 @@ class ChatTemplate:
 
     def __init__(self, tokenizer, loss_on: str, end_token):
         _check_common(tokenizer, loss_on)
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(
+                "template='chat_template' needs a fast tokenizer (character offsets); use template='glm4'"
+            )
         self.tokenizer, self.loss_on = tokenizer, loss_on
         self.backend = tokenizer.backend_tokenizer
         self.end_id = resolve_end_token(tokenizer, end_token, "chat_template")

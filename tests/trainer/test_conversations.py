@@ -45,7 +45,7 @@ def test_bom_is_accepted(tmp_path, qwen3):
 
 
 def test_parquet_and_datasets_directory(tmp_path, qwen3):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     want, _ = _encode(_jsonl(tmp_path, RECORDS), qwen3)
     rows = [{"messages": json.dumps(r["messages"]), "tools": json.dumps(r.get("tools"))} for r in RECORDS]

@@ -504,3 +504,48 @@ def test_demo_assets_rebuild_identically(tmp_path):
     bt.build_tokenizer(bt.corpus(train + val), tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / name).read_bytes() == (data.DEMO_TOKENIZER_DIR / name).read_bytes(), name
+
+
+class _SlowTokenizer:
+    """The demo tokenizer without its Rust backend, as GLM-4's own glm-4-9b-chat tokenizer is."""
+
+    is_fast = False
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __len__(self):
+        return len(self._tok)
+
+    def __getattr__(self, name):
+        if name == "backend_tokenizer":
+            raise AttributeError(name)
+        return getattr(self._tok, name)
+
+
+def test_glm4_on_a_slow_tokenizer_equals_the_fast_one(tok, tmp_path):
+    slow = _SlowTokenizer(tok)
+    for conv in rich_conversations():
+        assert encode_conversation(conv, slow) == encode_conversation(conv, tok)
+    p = tmp_path / "c.jsonl"
+    write_jsonl(demo_conversations(20, seed=7), p)
+    common = dict(cache_dir=False, progress=False, num_workers=1)
+    assert list(encode_file(p, slow, **common)[0]) == list(encode_file(p, tok, **common)[0])
+    with pytest.raises(ValueError, match="needs a fast tokenizer"):
+        encode_conversation(PLAIN, slow, template="chat_template")
+
+
+def test_remote_code_tokenizer_needs_trust_remote_code(tmp_path):
+    for f in data.DEMO_TOKENIZER_DIR.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg.pop("tokenizer_class")
+    cfg["auto_map"] = {"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "tokenization_custom.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    with pytest.raises(ValueError, match="set trust_remote_code: true"):
+        load_tokenizer(str(tmp_path))
+    assert type(load_tokenizer(str(tmp_path), trust_remote_code=True)).__name__ == "CustomTokenizer"
