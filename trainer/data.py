@@ -156,6 +156,14 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
+    # Serialising a 131k vocabulary takes a second: once per tokenizer object and template.
+    key = (id(tokenizer), len(tokenizer), str(tokenizer.chat_template), tokenizer.eos_token_id)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = _fingerprint(tokenizer)
+    return _FINGERPRINTS[key]
+
+
+def _fingerprint(tokenizer) -> str:
     h = hashlib.sha256()
     if getattr(tokenizer, "is_fast", False):
         h.update(tokenizer.backend_tokenizer.to_str().encode())
@@ -167,6 +175,7 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 
 _TOKEN_CHARS: dict = {}
+_FINGERPRINTS: dict = {}
 
 
 def _max_token_chars(tokenizer) -> int:
@@ -270,7 +279,9 @@ def _bounded(prepared, max_length: int, chars_per_token: int, overlong: str):
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer, template, loss_on, end_token, max_length, overlong, chars_per_token):
+def _init_worker(tokenizer, template, loss_on, end_token, max_length, overlong, chars_per_token, pool=False):
+    if pool:  # one thread per worker process: the processes are the parallelism
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER["template"] = make_template(template, tokenizer, loss_on, end_token)
     _WORKER["chars_per_token"] = chars_per_token
     _WORKER["max_length"], _WORKER["overlong"] = max_length, overlong
@@ -435,7 +446,7 @@ def encode_file(
                 collect(_encode_chunk(chunk))
         else:
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            with mp.get_context(method).Pool(num_workers, _init_worker, init_args) as pool:
+            with mp.get_context(method).Pool(num_workers, _init_worker, (*init_args, True)) as pool:
                 for result in pool.imap(_encode_chunk, chunks):
                     collect(result)
     finally:
