@@ -69,6 +69,7 @@ class DataSummary:
     max_length: int = 0
     overlong: str = "drop"
     template: str = ""
+    encoder: str = ""  # the encoding path that ran
     from_cache: bool = False
     seconds: float = 0.0
 
@@ -80,7 +81,7 @@ class DataSummary:
         source = "cache" if self.from_cache else "encoded"
         lines = [
             f"data {self.path}: {self.kept}/{self.conversations} conversations kept "
-            f"({source}, template {self.template}, {self.seconds:.1f}s)",
+            f"({source}, {self.encoder or self.template}, {self.seconds:.1f}s)",
             f"  tokens {self.tokens:,}, with a label {self.label_tokens:,} "
             f"({100 * self.label_fraction:.1f}%)",
         ]
@@ -457,6 +458,7 @@ def encode_file(
     summary = DataSummary(
         path=str(path), conversations=len(items), max_length=max_length, overlong=overlong, template=template
     )
+    summary.encoder = tmpl.path
     for r in results:
         for k, v in r[4].items():
             setattr(summary, k, getattr(summary, k) + v)

@@ -51,6 +51,7 @@ Encoding = tuple[list[int], list[bool]]
 class Template(Protocol):
     name: str
     end_id: int
+    path: str  # which encoding path runs, in words
 
     def prepare(self, record: dict) -> tuple[Conversation, list[bool]]:
         """The validated conversation and, per message, whether it is trained. Raises ``Problem``."""
@@ -119,6 +120,15 @@ class Glm4Template:
         self.pieces = PieceEncoder.for_backend(self.backend) if self.backend is not None else None
         if self.fast and self.pieces is not None:
             self.fast = self._direct_ids_match()
+
+    @property
+    def path(self) -> str:
+        """Which encoding path runs (the summary names it)."""
+        if self.backend is None:
+            return "glm4: each message tokenized by the (slow) tokenizer"
+        if self.fast and self.pieces is not None:
+            return "glm4: role tokens + cached byte-level BPE pieces"
+        return "glm4: each message rendered, one batch tokenization"
 
     def prepare(self, record):
         conv = normalize(record, glm4=True)
@@ -333,6 +343,11 @@ class ChatTemplate:
         )
         self._headers: dict[str, tuple[str, list[str]]] = {}
         self.fast_render = FastRenderer(tokenizer)
+
+    @property
+    def path(self) -> str:
+        how = "{% generation %} blocks" if self.has_generation else "turns located in the rendering"
+        return f"chat_template: rendered once, tokenized once, {how}"
 
     def prepare(self, record):
         conv = normalize(record, glm4=False)

@@ -129,6 +129,7 @@ def test_unexpressible_conversations_are_counted(tmp_path):
     ds, s = _encode(_jsonl(tmp_path, [ok, CONVERSATIONS["multi_turn"], ok]), gemma)
     assert len(ds) == 2 and s.skipped_template == 1
     assert "d.jsonl:2: " in s.skip_example and "System role not supported" in s.format()
+    assert "chat_template: rendered once, tokenized once" in s.format()
 
 
 def test_far_overlong_conversation_is_dropped_before_tokenizing(tmp_path, demo, monkeypatch):

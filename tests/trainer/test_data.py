@@ -404,6 +404,7 @@ def test_encode_file_matches_per_conversation_and_summary(tmp_path, tok):
     assert s.tokens == sum(len(e.input_ids) for e in kept)
     assert s.label_tokens == sum(sum(t != IGNORE for t in e.labels) for e in kept)
     assert "dropped 1" in s.format() and "no trainable token" in s.format()
+    assert "glm4: role tokens + cached byte-level BPE pieces" in s.format()  # the path that ran
 
     ds, s = encode_file(p, tok, max_length=1000, overlong="truncate", cache_dir=False, progress=False)
     assert (
