@@ -445,28 +445,28 @@ class ChatTemplate:
 
     def _assistant_start(self, text: str, pos: int, anchor: str, forms: list[str]) -> int:
         """Where an assistant message's turn starts: after its header; where the template writes
-        none before it (DeepSeek after tool results), right after the added token before it."""
+        none before its first anchor (DeepSeek after tool results), right after the added token
+        that closes the previous turn."""
         j = text.find(anchor, pos)
-        start = self._body_start(text, pos, len(text), forms)
-        if j < 0 or 0 <= start - len(forms[-1] if forms else "") <= j:
-            return start
+        header = self._header(text, pos, len(text), forms)
+        if j < 0 or header is not None and header[0] <= j:
+            return header[1] if header is not None else -1
         found = list(self.added_re.finditer(text, pos, j))
-        closing = found[-1] if found else None
-        if closing is None or text[closing.end() : j].strip():
+        if not found or text[found[-1].end() : j].strip():
             return -1  # text between them that is no header we know (a role name?): refuse
-        return closing.end()
+        return found[-1].end()
 
-    def _body_start(self, text: str, lo: int, hi: int, forms: list[str]) -> int:
-        """End of the assistant header in text[lo:hi]: the earliest place the shortest form occurs,
-        extended by the longest form that matches there; with no header (Mistral), the end of the
-        first added token (the previous turn's closing, e.g. ``[/INST]``)."""
+    def _header(self, text: str, lo: int, hi: int, forms: list[str]) -> tuple[int, int] | None:
+        """(start, end) of the assistant header in text[lo:hi]: the earliest place the shortest
+        form occurs, extended by the longest form that matches there. With no header (Mistral),
+        the first added token there (the previous turn's closing, e.g. ``[/INST]``)."""
         if not forms:
             m = self.added_re.search(text, lo, hi)
-            return m.end() if m else lo
+            return (m.start(), m.end()) if m else (lo, lo)
         j = text.find(forms[-1], lo, hi)
         if j < 0:
-            return -1
-        return j + max(len(f) for f in forms if text.startswith(f, j))
+            return None
+        return j, j + max(len(f) for f in forms if text.startswith(f, j))
 
     def _assistant_spans(self, text, conv, flags) -> list[tuple[int, int, bool]]:
         """(start, end, ends with a marker) of each trained assistant message, in characters."""
@@ -479,10 +479,10 @@ class ChatTemplate:
             hi = min((f for _, f, _ in located[i + 1 :] if f >= 0), default=len(text))
             if first < 0:  # an empty (or blank) answer: only the turn itself to find
                 lo = max((e for _, f, e in located[:i] if f >= 0), default=0)
-                start = self._body_start(text, lo, hi, forms)
-                last = start
-                if start < 0:
+                header = self._header(text, lo, hi, forms)
+                if header is None:
                     continue  # the template renders nothing for it (GLM-4): nothing to learn
+                start = last = header[1]
             marker = self.marker_re.search(text, last, hi)
             if first < 0 and text[start : marker.start() if marker else hi].strip():
                 continue  # the header found belongs to a later turn
@@ -495,18 +495,18 @@ class ChatTemplate:
         return spans
 
     def _generation_spans(self, conv, flags, indices, text) -> list[tuple[int, int, bool]]:
-        """``{% generation %}`` blocks, each given to the assistant message whose text it holds."""
-        located = self._locate(text, conv, flags, self.header(conv.kwargs)[1])
-        spans = []
-        for start, end in indices:
-            owner = next(
-                (i for i, (_, s, e) in enumerate(located) if s >= start and e <= end), None
-            )  # a block with no located text (empty answer) goes with the next assistant message
-            if owner is None:
-                owner = next((i for i, (_, s, _) in enumerate(located) if s >= end), None)
-            if owner is not None and flags[owner] and conv.messages[owner]["role"] == "assistant":
-                spans.append((start, end, True))
-        return spans
+        """``{% generation %}`` blocks, each given to its assistant message: in order when there is
+        one block per assistant message, else the message whose located text the block holds."""
+        assistants = [i for i, m in enumerate(conv.messages) if m["role"] == "assistant"]
+        if len(indices) == len(assistants):
+            owners = assistants
+        else:
+            located = self._locate(text, conv, flags, self.header(conv.kwargs)[1])
+            owners = [
+                next((i for i in assistants if located[i][1] >= start and located[i][2] <= end), None)
+                for start, end in indices
+            ]
+        return [(s, e, True) for (s, e), i in zip(indices, owners, strict=True) if i is not None and flags[i]]
 
     # -- encoding --------------------------------------------------------------------------------
 
