@@ -24,6 +24,7 @@ class TrainConfig:
     # model
     model: str = "demo"  # Hugging Face model directory or hub id; "demo": a small random GLM-4
     tokenizer: str = ""  # tokenizer directory; empty: the model's ("demo": the built-in one)
+    trust_remote_code: bool = False  # run code the model repository ships (glm-4-9b-chat needs it)
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32": frozen weights and autocast
     device: str = "auto"  # "auto" (cuda if available), "cuda", "cuda:1" or "cpu"
     attn_backend: str = "auto"  # varlen attention backend; "auto": the first available (trainer/model.py)

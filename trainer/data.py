@@ -1,43 +1,41 @@
-"""Conversations to ``input_ids`` and ``labels``, exactly as GLM-4's fine-tuning code builds them.
+"""Conversations to ``input_ids`` and ``labels``, cached on disk.
 
-Input is GLM-4's fine-tuning format: JSONL with one ``{"messages": [...]}`` per line (or one JSON
-array of such objects); roles system / user / assistant / observation; a system message may carry
-``tools``; an assistant tool call carries the function name in ``metadata`` and JSON arguments in
-``content``. OpenAI-style ``tool`` messages and assistant ``tool_calls`` are accepted and converted.
+Reading and validating records is ``trainer/conversations.py``; the label rules (GLM-4's, and any
+chat template's) are ``trainer/templates.py``. This module encodes a whole file in parallel
+processes, applies ``max_length`` (dropping, or cutting at a turn boundary), counts what it drops in
+a ``DataSummary``, and caches the result keyed by the file's content, the tokenizer and the settings.
 
 Labels follow the Hugging Face convention: aligned with ``input_ids`` (the model shifts them), -100
-where there is no loss. Two ways to build them:
-
-- ``template="glm4"``: GLM-4's ``process_batch``. ``[gMASK]<sop>``, then every message rendered alone
-  with the tokenizer's chat template minus its leading ``[gMASK]<sop>``, then the chat end token
-  (``<|user|>``; ``end_token="eos"`` for GLM-4's older code); the assistant mask shifted right by one.
-  So ``<|assistant|>`` is never a target, the assistant's metadata, newline and content are, and so
-  is the role token after an assistant turn: that is how GLM-4 learns to stop.
-- ``template="chat_template"``: any tokenizer's chat template. Assistant character spans are found by
-  rendering the conversation's prefixes; the text is tokenized once with offsets; tokens inside the
-  spans are targets. A template with no end-of-turn marker after the assistant text (GLM-4) also gets
-  the token that follows each span labelled.
-
-``encode_file`` validates, encodes in parallel processes and caches the result on disk.
+where there is no loss.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import json
 import multiprocessing as mp
 import os
-import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from trainer.conversations import (  # noqa: F401  (re-exported: the public names of trainer.data)
+    ROLES,
+    Conversation,
+    DataError,
+    Problem,
+    as_record,
+    iter_items,
+    load_conversations,
+    source_digest,
+)
+from trainer.templates import Unexpressible, make_template
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 DEMO_TOKENIZER_DIR = ASSETS_DIR / "tokenizer"
@@ -45,21 +43,9 @@ DEMO_TRAIN_FILE = ASSETS_DIR / "demo_train.jsonl"
 DEMO_VAL_FILE = ASSETS_DIR / "demo_val.jsonl"
 
 IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant", "observation")
-TEMPLATES = ("glm4", "chat_template")
-LOSS_ON = ("all", "last")
 OVERLONG = ("drop", "truncate")
-_CACHE_FORMAT = 1  # bump when the encoding or the cache layout changes
+_CACHE_FORMAT = 2  # bump when the encoding or the cache layout changes
 _CHUNK = 256  # conversations per worker task
-_PIECE_CACHE_LIMIT = 500_000  # pre-tokens cached per process (~100 MB at most)
-
-
-class DataError(ValueError):
-    """Bad input data. The message is one line: ``<file>:<line>: <problem>``."""
-
-
-class _Problem(Exception):
-    """A problem in one conversation; the caller adds the file and line."""
 
 
 @dataclass
@@ -74,12 +60,16 @@ class DataSummary:
     conversations: int = 0
     kept: int = 0
     dropped_overlong: int = 0  # overlong="drop"
-    truncated: int = 0  # overlong="truncate" (kept, cut on the right as GLM-4 does)
+    truncated: int = 0  # overlong="truncate": kept, cut at the end of the last whole trained turn
     skipped_no_label: int = 0  # no trainable token (after truncation, if any)
+    skipped_template: int = 0  # a trained message the chat template drops or cannot render
+    skip_example: str = ""  # the first of those, "<file>:<line>: <why>"
     tokens: int = 0  # in kept conversations
     label_tokens: int = 0  # tokens with a label in kept conversations
     max_length: int = 0
     overlong: str = "drop"
+    template: str = ""
+    encoder: str = ""  # the encoding path that ran
     from_cache: bool = False
     seconds: float = 0.0
 
@@ -91,16 +81,21 @@ class DataSummary:
         source = "cache" if self.from_cache else "encoded"
         lines = [
             f"data {self.path}: {self.kept}/{self.conversations} conversations kept "
-            f"({source}, {self.seconds:.1f}s)",
+            f"({source}, {self.encoder or self.template}, {self.seconds:.1f}s)",
             f"  tokens {self.tokens:,}, with a label {self.label_tokens:,} "
             f"({100 * self.label_fraction:.1f}%)",
         ]
         if self.dropped_overlong:
             lines.append(f"  dropped {self.dropped_overlong} longer than max_length={self.max_length}")
         if self.truncated:
-            lines.append(f"  truncated {self.truncated} to max_length={self.max_length}")
+            lines.append(f"  truncated {self.truncated} to max_length={self.max_length} at a turn boundary")
         if self.skipped_no_label:
             lines.append(f"  skipped {self.skipped_no_label} with no trainable token")
+        if self.skipped_template:
+            lines.append(
+                f"  skipped {self.skipped_template} the chat template cannot render as given, "
+                f"e.g. {self.skip_example}"
+            )
         return "\n".join(lines)
 
 
@@ -138,562 +133,145 @@ class EncodedDataset(Sequence):
 # Tokenizer
 
 
-def load_tokenizer(name_or_path: str):
-    """``"demo"`` -> the built-in GLM-4-style tokenizer; anything else -> ``AutoTokenizer``."""
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
+    """``"demo"`` -> the built-in GLM-4-style tokenizer; anything else -> ``AutoTokenizer``.
+
+    A tokenizer whose code lives in the model repository (GLM-4's ``glm-4-9b-chat``) needs
+    ``trust_remote_code=True``; without it the error says so. Such a slow tokenizer serves
+    ``template="glm4"`` (each message tokenized by it, as GLM-4's code does); ``chat_template``
+    needs a fast one (character offsets).
+    """
     from transformers import AutoTokenizer
 
     path = DEMO_TOKENIZER_DIR if str(name_or_path) == "demo" else name_or_path
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if not getattr(tok, "is_fast", False):
-        raise ValueError(f"tokenizer {name_or_path} is not a fast tokenizer; offsets need one")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e) and not trust_remote_code:
+            raise ValueError(
+                f"tokenizer {name_or_path} runs code from its repository; set trust_remote_code: true "
+                "(--trust-remote-code true) if you trust it"
+            ) from None
+        raise
     return tok
 
 
-def _token_id(tokenizer, token: str) -> int | None:
-    tid = tokenizer.convert_tokens_to_ids(token)
-    if tid is None or tid == tokenizer.unk_token_id and token != tokenizer.unk_token:
-        return None
-    return int(tid)
-
-
-def _resolve_end_token(tokenizer, end_token, template: str) -> int:
-    if end_token is None:
-        end_token = "<|user|>" if template == "glm4" else "eos"
-    if isinstance(end_token, int) and not isinstance(end_token, bool):
-        return end_token
-    if end_token == "eos":
-        if tokenizer.eos_token_id is None:
-            raise ValueError("end_token='eos' but the tokenizer has no eos_token")
-        return int(tokenizer.eos_token_id)
-    if isinstance(end_token, str):
-        tid = _token_id(tokenizer, end_token)
-        if tid is None:
-            raise ValueError(f"end_token {end_token!r} is not a token of this tokenizer; try end_token='eos'")
-        return tid
-    raise ValueError(f"end_token must be None, 'eos', a token string or an id, got {end_token!r}")
-
-
 def _tokenizer_fingerprint(tokenizer) -> str:
+    # Serialising a 131k vocabulary takes a second: once per tokenizer object and template.
+    key = (id(tokenizer), len(tokenizer), str(tokenizer.chat_template), tokenizer.eos_token_id)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = _fingerprint(tokenizer)
+    return _FINGERPRINTS[key]
+
+
+def _fingerprint(tokenizer) -> str:
     h = hashlib.sha256()
-    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    if getattr(tokenizer, "is_fast", False):
+        h.update(tokenizer.backend_tokenizer.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(str(tokenizer.chat_template).encode())
     h.update(f"{tokenizer.eos_token_id}".encode())
     return h.hexdigest()
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading and validation
+_TOKEN_CHARS: dict = {}
+_FINGERPRINTS: dict = {}
 
 
-def _iter_items(text: str) -> Iterator[tuple[int, str]]:
-    """(line number, JSON text) of each record: JSONL lines, or the elements of a JSON array."""
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        dec = json.JSONDecoder()
-        pos = len(text) - len(stripped) + 1
-        n = len(text)
-        while True:
-            while pos < n and text[pos] in " \t\r\n,":
-                pos += 1
-            if pos >= n:
-                raise _Problem("JSON array is not closed with ']'") from None
-            if text[pos] == "]":
-                return
-            start = pos
-            line = text.count("\n", 0, start) + 1
-            try:
-                _, pos = dec.raw_decode(text, start)
-            except json.JSONDecodeError as e:
-                raise _LineProblem(text.count("\n", 0, e.pos) + 1, f"invalid JSON: {e.msg}") from None
-            yield line, text[start:pos]
-    else:
-        for i, line in enumerate(text.split("\n")):
-            if line.strip():
-                yield i + 1, line
-
-
-class _LineProblem(Exception):
-    def __init__(self, line: int, problem: str):
-        super().__init__(problem)
-        self.line, self.problem = line, problem
-
-
-def _parse_record(text: str) -> dict:
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _Problem(f"invalid JSON: {e.msg} (column {e.colno})") from None
-    if not isinstance(record, dict):
-        raise _Problem(f"expected an object with 'messages', got {type(record).__name__}")
-    if "messages" not in record:
-        raise _Problem("missing 'messages'")
-    return record
-
-
-def _read_bytes(path) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}:0: cannot read: {e.strerror}") from None
-
-
-def _decode(path, raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
-
-
-def load_conversations(path) -> list[dict]:
-    """Parse and validate a JSONL (or JSON array) file of ``{"messages": [...]}`` records.
-
-    Returns the records as written. Raises ``DataError("<file>:<line>: <problem>")``.
-    """
-    text = _decode(path, _read_bytes(path))
-    records = []
-    try:
-        for line, item in _iter_items(text):
-            try:
-                record = _parse_record(item)
-                _normalize(record["messages"], glm4=True)
-            except _Problem as e:
-                raise DataError(f"{path}:{line}: {e}") from None
-            records.append(record)
-    except _LineProblem as e:
-        raise DataError(f"{path}:{e.line}: {e.problem}") from None
-    except _Problem as e:
-        raise DataError(f"{path}:{text.count(chr(10)) + 1}: {e}") from None
-    if not records:
-        raise DataError(f"{path}:1: no conversations in the file")
-    return records
-
-
-def _clean_tools(tools, where: str) -> list:
-    """GLM-4's ``process_message``: drop tool parameters whose value is null (on a copy)."""
-    if not isinstance(tools, list):
-        raise _Problem(f"{where}: 'tools' must be a list, got {type(tools).__name__}")
-    tools = copy.deepcopy(tools)
-    for tool in tools:
-        if not isinstance(tool, dict):
-            raise _Problem(f"{where}: each tool must be an object, got {type(tool).__name__}")
-        fn = tool.get("function")
-        params = fn.get("parameters") if isinstance(fn, dict) else None
-        props = params.get("properties") if isinstance(params, dict) else None
-        if isinstance(props, dict):
-            params["properties"] = {k: v for k, v in props.items() if v is not None}
-    return tools
-
-
-def _tool_call_messages(calls, where: str) -> list[dict]:
-    if not isinstance(calls, list):
-        raise _Problem(f"{where}: 'tool_calls' must be a list, got {type(calls).__name__}")
-    out = []
-    for j, call in enumerate(calls):
-        fn = call.get("function") if isinstance(call, dict) else None
-        name = fn.get("name") if isinstance(fn, dict) else None
-        if not isinstance(name, str) or not name:
-            raise _Problem(f"{where}: tool call {j + 1} has no function name")
-        args = fn.get("arguments", {})
-        if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError as e:
-                problem = f"tool call {j + 1} ({name}) has unparseable arguments: {e.msg}"
-                raise _Problem(f"{where}: {problem}") from None
-        if not isinstance(args, dict):
-            raise _Problem(f"{where}: tool call {j + 1} ({name}) arguments must be a JSON object")
-        out.append({"role": "assistant", "metadata": name, "content": json.dumps(args, ensure_ascii=False)})
-    return out
-
-
-def _normalize(messages, *, glm4: bool) -> tuple[list[dict], list[bool]]:
-    """Validated copies of the messages and, per message, whether it may carry loss.
-
-    ``glm4=True`` converts to GLM-4's form (``tool`` -> observation, ``tool_calls`` -> one assistant
-    message per call with the name in ``metadata``; ``tools`` kept on system messages only, null
-    parameters dropped). ``glm4=False`` keeps the caller's form for the tokenizer's own template.
-    """
-    if not isinstance(messages, list):
-        raise _Problem(f"'messages' must be a list, got {type(messages).__name__}")
-    if not messages:
-        raise _Problem("'messages' is empty")
-    out: list[dict] = []
-    may_train: list[bool] = []
-    for i, m in enumerate(messages):
-        where = f"message {i + 1}"
-        if not isinstance(m, dict):
-            raise _Problem(f"{where}: expected an object, got {type(m).__name__}")
-        role = m.get("role")
-        if role not in ROLES and role != "tool":
-            raise _Problem(
-                f"{where}: unknown role {role!r} (expected system, user, assistant, observation or tool)"
-            )
-        loss = m.get("loss", True)
-        if not isinstance(loss, bool):
-            raise _Problem(f"{where}: 'loss' must be true or false, got {loss!r}")
-        calls = m.get("tool_calls")
-        if calls is not None and role != "assistant":
-            raise _Problem(f"{where}: 'tool_calls' on a {role} message")
-        content = m.get("content")
-        if content is None and calls:
-            content = ""
-        if not isinstance(content, str):
-            got = "null" if content is None else type(content).__name__
-            raise _Problem(f"{where}: content must be a string, got {got}")
-        metadata = m.get("metadata")  # null (datasets fills missing keys so) is absent, not "None"
-        if metadata is not None and not isinstance(metadata, str):
-            raise _Problem(f"{where}: metadata must be a string, got {type(metadata).__name__}")
-        tools = m.get("tools")
-        if tools is not None and role == "system":
-            tools = _clean_tools(tools, where)
-        else:
-            tools = None  # GLM-4 deletes tools on other roles; dataset libraries inject tools: null
-        call_msgs = _tool_call_messages(calls, where) if calls else []
-
-        if not glm4:
-            msg = {k: v for k, v in m.items() if k not in ("loss", "tools")}
-            msg["content"] = content
-            if tools is not None:
-                msg["tools"] = tools
-            out.append(msg)
-            may_train.append(loss)
-            continue
-
-        role = "observation" if role == "tool" else role
-        msg = {"role": role, "content": content}
-        if metadata is not None:
-            msg["metadata"] = metadata
-        if tools is not None:
-            msg["tools"] = tools
-        if not call_msgs or content:
-            out.append(msg)
-            may_train.append(loss)
-        for cm in call_msgs:
-            out.append(cm)
-            may_train.append(loss)
-    return out, may_train
-
-
-def _trainable(messages: list[dict], may_train: list[bool], loss_on: str) -> list[bool]:
-    flags = [m["role"] == "assistant" and ok for m, ok in zip(messages, may_train, strict=True)]
-    if loss_on == "last":
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        flags = [f and i == last for i, f in enumerate(flags)]
-    return flags
+def _max_token_chars(tokenizer) -> int:
+    """The most characters one token can stand for: ``len(text) / this`` bounds a text's token
+    count from below, cheaply (byte-level vocabularies spell a token with one character a byte)."""
+    key = (id(tokenizer), len(tokenizer))
+    if key not in _TOKEN_CHARS:
+        _TOKEN_CHARS[key] = max(map(len, tokenizer.get_vocab()), default=1)
+    return _TOKEN_CHARS[key]
 
 
 # ---------------------------------------------------------------------------------------------
-# Encoding
+# One conversation
 
 
-# GPT-2's pre-tokenizer pattern, used by byte-level BPE tokenizers' ByteLevel(use_regex=True).
-_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_PROBE_TEXTS = [
-    "Hello, world! It's 2024; we'll see.\n\nNext   line\twith\ttabs  ",
-    "北京今天晴，气温21摄氏度。你好！「引号」…",
-    '{"city": "Paris", "t": -3.5e2, "list": [1, 2]}\r\n  indented\n',
-    "émigré naïve Ünïcödé ½ ² Ⅷ ٣ 🙂👍 a\u00a0b\u2028c",
-    "",
-    "   ",
-]
+def _encode_one(template, record: dict) -> tuple[list[int], list[bool]]:
+    try:
+        prepared = template.prepare(record)
+    except Problem as e:
+        raise DataError(f"<messages>:0: {e}") from None
+    result = template.encode([prepared])[0]
+    if isinstance(result, Unexpressible):
+        raise DataError(f"<messages>:0: {result}")
+    return result
 
 
-class _PieceCache(dict):
-    def __init__(self, backend):
-        super().__init__()
-        self.backend = backend
-
-    def __missing__(self, piece: str) -> tuple:
-        if len(self) >= _PIECE_CACHE_LIMIT:  # bounded memory on text with endless distinct pieces
-            self.clear()
-        ids = self[piece] = tuple(self.backend.encode(piece, add_special_tokens=False).ids)
-        return ids
-
-
-class _PieceEncoder:
-    """Byte-level BPE by pre-token: split with GPT-2's pattern, look each piece up in a cache.
-
-    Exactly the tokenizer's own output when it has no normalizer, a plain ``ByteLevel`` pre-tokenizer
-    and a BPE model without dropout, and the text holds no added token (then the backend is used):
-    BPE acts on each pre-token alone. Real text repeats its pre-tokens, so most lookups hit; this is
-    several times faster than the backend's per-call path on small machines.
-    """
-
-    def __init__(self, backend, added: list[str]):
-        import regex
-
-        self.backend = backend
-        self.split = regex.compile(_GPT2_PATTERN).findall
-        self.cache = _PieceCache(backend)
-        self.added = re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True)))).search
-
-    @classmethod
-    def for_backend(cls, backend) -> _PieceEncoder | None:
-        try:
-            import regex  # noqa: F401
-        except ImportError:
-            return None
-        spec = json.loads(backend.to_str())
-        pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
-        eligible = (
-            spec.get("normalizer") is None
-            and pre.get("type") == "ByteLevel"
-            and pre.get("use_regex", True)
-            and not pre.get("add_prefix_space", False)
-            and model.get("type") == "BPE"
-            and model.get("dropout") is None
-            and not model.get("byte_fallback", False)
-        )
-        added = [t["content"] for t in spec.get("added_tokens", [])]
-        if not eligible or not added:
-            return None
-        enc = cls(backend, added)
-        if any(enc.encode(t) != backend.encode(t, add_special_tokens=False).ids for t in _PROBE_TEXTS):
-            return None
-        return enc
-
-    def encode(self, text: str) -> list[int]:
-        return self.encode_many([text])[0]
-
-    def encode_many(self, texts: list[str]) -> list[list[int]]:
-        cache = self.cache
-        splits = [None if self.added(t) else self.split(t) for t in texts]
-        missing = set().union(*(sp for sp in splits if sp is not None)) - cache.keys()
-        if missing:  # one batch call for every new piece: the per-call overhead dominates otherwise
-            if len(cache) + len(missing) > _PIECE_CACHE_LIMIT:
-                cache.clear()
-            new = list(missing)
-            encoded = self.backend.encode_batch(new, add_special_tokens=False)
-            cache.update(zip(new, (tuple(e.ids) for e in encoded), strict=True))
-        chain, get = itertools.chain.from_iterable, cache.__getitem__
-        return [
-            self.backend.encode(t, add_special_tokens=False).ids if sp is None else list(chain(map(get, sp)))
-            for t, sp in zip(texts, splits, strict=True)
-        ]
-
-
-class _Encoder:
-    """Per-tokenizer state shared by every conversation (and by each worker process)."""
-
-    def __init__(self, tokenizer, template: str, loss_on: str, end_token):
-        if template not in TEMPLATES:
-            raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
-        if loss_on not in LOSS_ON:
-            raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template")
-        self.tokenizer, self.template, self.loss_on = tokenizer, template, loss_on
-        self.backend = tokenizer.backend_tokenizer
-        self.end_id = _resolve_end_token(tokenizer, end_token, template)
-        if template == "glm4":
-            self.prefix = "[gMASK]<sop>"
-            self.prefix_ids = [_token_id(tokenizer, "[gMASK]"), _token_id(tokenizer, "<sop>")]
-            if None in self.prefix_ids:
-                raise ValueError("template='glm4' needs a tokenizer with [gMASK] and <sop> tokens")
-            self.fast = self._fast_rendering_matches()
-            self.role_ids = {r: _token_id(tokenizer, f"<|{r}|>") for r in ROLES}
-            self._tools_cache: dict[str, tuple] = {}
-            self.pieces = _PieceEncoder.for_backend(self.backend)
-            if self.fast and self.pieces is not None:
-                self.fast = self._direct_ids_match()
-
-    def _render_one(self, message: dict) -> str:
-        text = self.tokenizer.apply_chat_template([message], tokenize=False)
-        if not text.startswith(self.prefix):
-            raise ValueError(f"the chat template does not start with {self.prefix}: {text[:40]!r}")
-        return text[len(self.prefix) :]
-
-    @staticmethod
-    def _fast_text(m: dict) -> str:
-        # GLM-4's template for one message without tools.
-        if not m["content"]:
-            return ""
-        return f"<|{m['role']}|>{m.get('metadata', '')}\n{m['content']}"
-
-    def _fast_rendering_matches(self) -> bool:
-        """Whether the template renders plain messages as ``_fast_text`` does (checked, not assumed)."""
-        probes = [
-            {"role": "system", "content": "s 系统"},
-            {"role": "user", "content": "hello\n你好"},
-            {"role": "assistant", "content": "hi"},
-            {"role": "assistant", "metadata": "get_weather", "content": '{"city": "Paris"}'},
-            {"role": "observation", "content": '{"t": 1}'},
-            {"role": "assistant", "content": ""},
-            {"role": "user", "content": ""},
-        ]
-        try:
-            return all(self._render_one(p) == self._fast_text(p) for p in probes)
-        except Exception:
-            return False
-
-    def _direct_ids_match(self) -> bool:
-        """Whether ``<|role|>`` + pieces equals tokenizing the rendered message (checked, not assumed)."""
-        probes = [{"role": r, "content": c} for r in ROLES for c in _PROBE_TEXTS]
-        probes.append({"role": "assistant", "metadata": "get_weather", "content": '{"city": "北京"}'})
-        for m in probes:
-            want = self.backend.encode(self._render_one(m), add_special_tokens=False).ids
-            if self._direct_ids(m) != want:
-                return False
-        return True
-
-    def _direct_ids(self, m: dict) -> list[int]:
-        if not m["content"]:
-            return []
-        role_id = self.role_ids[m["role"]]
-        return [role_id] + self.pieces.encode(f"{m.get('metadata', '')}\n{m['content']}")
-
-    def _tools_message_ids(self, m: dict) -> tuple:
-        # Tool lists repeat across a dataset: render and tokenize each distinct one once.
-        key = json.dumps(m, ensure_ascii=False)
-        ids = self._tools_cache.get(key)
-        if ids is None:
-            if len(self._tools_cache) > 10_000:
-                self._tools_cache.clear()
-            text = self._render_one(m)
-            ids = self._tools_cache[key] = tuple(self.backend.encode(text, add_special_tokens=False).ids)
-        return ids
-
-    def message_texts(self, messages: list[dict]) -> list[str]:
-        if self.fast:
-            return [self._render_one(m) if "tools" in m else self._fast_text(m) for m in messages]
-        return [self._render_one(m) for m in messages]
-
-    def encode_glm4_batch(self, convs: list[tuple[list[dict], list[bool]]]) -> list[tuple[list, list]]:
-        """GLM-4's per-message ``process_batch`` for many conversations: (ids, label mask) each."""
-        if self.pieces is not None and self.fast:
-            toks, texts, slots = [], [], []
-            for messages, _ in convs:
-                for m in messages:
-                    if "tools" in m:
-                        toks.append(list(self._tools_message_ids(m)))
-                    elif not m["content"]:
-                        toks.append([])  # GLM-4's template renders nothing for empty content
-                    else:
-                        slots.append(len(toks))
-                        toks.append([self.role_ids[m["role"]]])
-                        texts.append(f"{m.get('metadata', '')}\n{m['content']}")
-            for slot, ids in zip(slots, self.pieces.encode_many(texts), strict=True):
-                toks[slot] += ids
-            counts = [len(messages) for messages, _ in convs]
-        else:
-            texts, counts = [], []
-            for messages, _ in convs:
-                t = self.message_texts(messages)
-                texts += t
-                counts.append(len(t))
-            toks = [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
-        out, k = [], 0
-        for (_, flags), n in zip(convs, counts, strict=True):
-            ids = list(self.prefix_ids)
-            mask = [False, False]
-            for m_toks, flag in zip(toks[k : k + n], flags, strict=True):
-                ids += m_toks
-                mask += [flag] * len(m_toks)
-            k += n
-            ids.append(self.end_id)
-            mask.append(False)
-            # The shift: a token is a target where the token before it belongs to a trained message.
-            mask = [False] + mask[:-1]
-            out.append((ids, mask))
-        return out
-
-    def encode_chat_template(self, messages: list[dict], flags: list[bool]) -> tuple[list, list]:
-        tok = self.tokenizer
-
-        def render(msgs, gen=False):
-            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-
-        try:
-            prev = render([])
-        except Exception:
-            prev = ""
-        spans = []  # (start, end, has_end_marker)
-        for i, m in enumerate(messages):
-            cur = render(messages[: i + 1])
-            if not cur.startswith(prev):
-                raise ValueError(
-                    f"the chat template's rendering of the first {i + 1} messages does not extend its "
-                    f"rendering of the first {i}, so assistant spans cannot be found; use template='glm4' "
-                    "or a template whose renderings of a conversation's prefixes are prefixes of each other"
-                )
-            if flags[i]:
-                start = None
-                if i > 0:
-                    gen = render(messages[:i], gen=True)
-                    if gen.startswith(prev) and cur.startswith(gen):
-                        start = len(gen)
-                content = m.get("content") or ""
-                if start is None:
-                    found = cur.find(content.strip(), len(prev)) if content.strip() else -1
-                    start = found if found >= 0 else len(prev)
-                # The turn ends at its end-of-turn marker (trailing newlines are the next turn's
-                # business); with no marker after the text (GLM-4), at the end of the rendered text.
-                body = content.strip()
-                if content and cur.endswith(content) or body and cur.rstrip().endswith(body):
-                    has_marker, end = False, len(cur)
-                else:
-                    has_marker, end = True, len(cur.rstrip())
-                if end > start:  # else it rendered nothing (GLM-4 drops empty messages): nothing to learn
-                    spans.append((start, end, has_marker))
-            prev = cur
-        full = prev
-        enc = self.backend.encode(full, add_special_tokens=False)
-        ids, offsets = list(enc.ids), enc.offsets
-        mask = [False] * len(ids)
-        for start, end, has_marker in spans:
-            following = None
-            for j, (s, e) in enumerate(offsets):
-                if s < end and e > start:
-                    mask[j] = True
-                elif s >= end and e > s:
-                    following = j
-                    break
-            if not has_marker:  # no end-of-turn marker: the next token ends the turn, learn it
-                if following is not None:
-                    mask[following] = True
-                else:  # the conversation ends with this turn: append the end token as its target
-                    ids.append(self.end_id)
-                    mask.append(True)
-        return ids, mask
-
-    def encode(self, convs: list[tuple[list[dict], list[bool]]]) -> list[tuple[list, list]]:
-        if self.template == "glm4":
-            return self.encode_glm4_batch(convs)
-        return [self.encode_chat_template(m, f) for m, f in convs]
-
-    def prepare(self, messages) -> tuple[list[dict], list[bool]]:
-        msgs, may_train = _normalize(messages, glm4=self.template == "glm4")
-        return msgs, _trainable(msgs, may_train, self.loss_on)
-
-
-def encode_conversation(messages, tokenizer, *, template="glm4", loss_on="all", end_token=None) -> Encoded:
+def encode_conversation(
+    messages,
+    tokenizer,
+    *,
+    template="glm4",
+    loss_on="all",
+    end_token=None,
+    tools=None,
+    chat_template_kwargs=None,
+) -> Encoded:
     """One conversation (a list of message dicts) to ``Encoded(input_ids, labels)``.
 
-    ``template``: "glm4" (GLM-4's per-message rule) or "chat_template" (spans of the tokenizer's
-    template). ``loss_on``: "all" assistant turns or the "last" one; a message with ``"loss": false``
-    is never trained. ``end_token``: appended after the conversation (glm4) or after a final
-    assistant turn of a template without end-of-turn marker: None (glm4: ``<|user|>``,
-    chat_template: eos), "eos", a token string or an id. No truncation here.
+    ``template``: "glm4" (GLM-4's per-message rule) or "chat_template" (the tokenizer's template,
+    rendered once). ``loss_on``: "all" assistant turns or the "last" one; a message with
+    ``"loss": false`` is never trained. ``end_token``: appended after the conversation (glm4) or
+    after a final assistant turn of a template without end-of-turn marker: None (glm4: ``<|user|>``,
+    chat_template: eos), "eos", a token string or an id. ``tools`` and ``chat_template_kwargs`` as a
+    record's. No truncation here.
     """
-    encoder = _encoder_for(tokenizer, template, loss_on, end_token)
-    try:
-        prepared = encoder.prepare(messages)
-    except _Problem as e:
-        raise DataError(f"<messages>:0: {e}") from None
-    ids, mask = encoder.encode([prepared])[0]
+    record = {"messages": messages}
+    if tools is not None:
+        record["tools"] = tools
+    if chat_template_kwargs is not None:
+        record["chat_template_kwargs"] = chat_template_kwargs
+    ids, mask = _encode_one(_template_for(tokenizer, template, loss_on, end_token), record)
     return Encoded(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)])
 
 
-_ENCODERS: dict = {}
+_TEMPLATES: dict = {}
 
 
-def _encoder_for(tokenizer, template, loss_on, end_token) -> _Encoder:
+def _template_for(tokenizer, template, loss_on, end_token):
     key = (id(tokenizer), template, loss_on, end_token)
-    hit = _ENCODERS.get(key)
+    hit = _TEMPLATES.get(key)
     if hit is None or hit.tokenizer is not tokenizer:
-        hit = _ENCODERS[key] = _Encoder(tokenizer, template, loss_on, end_token)
+        hit = _TEMPLATES[key] = make_template(template, tokenizer, loss_on, end_token)
     return hit
+
+
+def truncate(ids: list[int], mask: list[bool], max_length: int) -> tuple[list[int], list[bool]]:
+    """Cut to ``max_length`` at a turn boundary: a trained run cut by the limit loses its labels
+    (no turn is trained without its end marker), and the unlabelled tail after the last whole
+    trained turn goes."""
+    cut_ids, cut_mask = ids[:max_length], mask[:max_length]
+    if len(ids) > max_length and mask[max_length] and cut_mask[-1]:
+        k = max_length - 1
+        while k >= 0 and cut_mask[k]:
+            cut_mask[k] = False
+            k -= 1
+    last = max((i for i, m in enumerate(cut_mask) if m), default=-1)
+    return cut_ids[: last + 1], cut_mask[: last + 1]
+
+
+def _bounded(prepared, max_length: int, chars_per_token: int, overlong: str):
+    """A cheap bound before tokenizing: the user, assistant and tool text of a conversation has at
+    least ``chars / chars_per_token`` tokens. Returns None when it surely ends beyond
+    ``max_length`` (dropped, or with ``truncate`` nothing left), else ``(prepared, cut)``: with
+    ``truncate``, the messages from the first one that surely ends beyond the limit are cut."""
+    conv, flags = prepared
+    total = 0
+    for i, m in enumerate(conv.messages):
+        if m["role"] != "system":
+            total += len(m.get("content") or "") + len(m.get("reasoning_content") or "")
+        if total > max_length * chars_per_token:
+            if overlong == "drop" or not any(flags[:i]):
+                return None
+            cut = Conversation(conv.messages[:i], conv.may_train[:i], conv.tools, conv.kwargs)
+            return (cut, flags[:i]), True
+    return prepared, False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -702,49 +280,60 @@ def _encoder_for(tokenizer, template, loss_on, end_token) -> _Encoder:
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer, template, loss_on, end_token, max_length, overlong):
-    _WORKER["encoder"] = _Encoder(tokenizer, template, loss_on, end_token)
+def _init_worker(tokenizer, template, loss_on, end_token, max_length, overlong, chars_per_token, pool=False):
+    if pool:  # one thread per worker process: the processes are the parallelism
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER["template"] = make_template(template, tokenizer, loss_on, end_token)
+    _WORKER["chars_per_token"] = chars_per_token
     _WORKER["max_length"], _WORKER["overlong"] = max_length, overlong
 
 
-def _encode_chunk(items: list[tuple[int, str]]):
+def _encode_chunk(items: list[tuple[int, str | dict]]):
     """Worker task: parse, validate and encode a chunk; returns arrays of the kept conversations."""
-    encoder: _Encoder = _WORKER["encoder"]
+    template = _WORKER["template"]
     max_length, overlong = _WORKER["max_length"], _WORKER["overlong"]
-    prepared = []
-    for line, text in items:
+    counts = {"dropped_overlong": 0, "truncated": 0, "skipped_no_label": 0, "skipped_template": 0}
+    prepared, lines, cut = [], [], []
+    for line, item in items:
         try:
-            prepared.append(encoder.prepare(_parse_record(text)["messages"]))
-        except _Problem as e:
+            p = template.prepare(as_record(item))
+        except Problem as e:
             return ("error", line, str(e))
-    try:
-        encoded = encoder.encode(prepared)
-    except Exception:
-        for (line, _), p in zip(items, prepared, strict=True):  # find the conversation that failed
-            try:
-                encoder.encode([p])
-            except Exception as e:
-                return ("error", line, f"cannot render with the chat template: {type(e).__name__}: {e}")
-        raise
-    counts = {"dropped_overlong": 0, "truncated": 0, "skipped_no_label": 0}
+        if not any(p[1]):
+            counts["skipped_no_label"] += 1
+            continue
+        bounded = _bounded(p, max_length, _WORKER["chars_per_token"], overlong)
+        if bounded is None:
+            counts["dropped_overlong" if overlong == "drop" else "skipped_no_label"] += 1
+            continue
+        prepared.append(bounded[0])
+        cut.append(bounded[1])
+        lines.append(line)
+    example = ""
     ids_parts, mask_parts, lengths = [], [], []
-    for ids, mask in encoded:
+    for line, was_cut, result in zip(lines, cut, template.encode(prepared), strict=True):
+        if isinstance(result, Unexpressible):
+            counts["skipped_template"] += 1
+            example = example or f"line {line}: {result}"
+            continue
+        ids, mask = result
         if len(ids) > max_length:
             if overlong == "drop":
                 counts["dropped_overlong"] += 1
                 continue
-            ids, mask = ids[:max_length], mask[:max_length]
-            counts["truncated"] += 1
+            ids, mask = truncate(ids, mask, max_length)
+            was_cut = True
         if not any(mask):
             counts["skipped_no_label"] += 1
             continue
+        counts["truncated"] += was_cut
         ids_parts.append(ids)
         mask_parts.append(mask)
         lengths.append(len(ids))
     total = sum(lengths)
     flat_ids = np.fromiter(itertools.chain.from_iterable(ids_parts), dtype=np.int32, count=total)
     flat_mask = np.fromiter(itertools.chain.from_iterable(mask_parts), dtype=np.bool_, count=total)
-    return ("ok", flat_ids, flat_mask, np.asarray(lengths, dtype=np.int64), counts, len(items))
+    return ("ok", flat_ids, flat_mask, np.asarray(lengths, dtype=np.int64), counts, len(items), example)
 
 
 def _default_cache_dir() -> Path:
@@ -799,8 +388,10 @@ def encode_file(
 
     ``encoded`` is a sequence of ``Encoded`` (see ``EncodedDataset``), in file order, holding the
     kept conversations only. Conversations longer than ``max_length`` are dropped
-    (``overlong="drop"``) or cut on the right (``"truncate"``, as GLM-4 does); those left with no
-    trainable token are skipped; all are counted in the summary. ``num_workers``: processes
+    (``overlong="drop"``) or cut at the end of their last whole trained turn (``"truncate"``); those
+    left with no trainable token, and those with a trained message the chat template cannot render,
+    are skipped; all are counted in the summary. ``path``: JSONL, a JSON array, Parquet, a
+    ``datasets`` directory or dataset id. ``num_workers``: processes
     (None: one per CPU, at most 8). ``cache_dir``: where results are cached, keyed by the file's
     content, the tokenizer and these settings (None: ``$TRITRAIN_CACHE`` or ``~/.cache/tritrain``;
     False: no cache). Raises ``DataError("<file>:<line>: <problem>")`` on bad input.
@@ -810,13 +401,12 @@ def encode_file(
         raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
     if not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
-    encoder = _encoder_for(tokenizer, template, loss_on, end_token)  # validates the settings
-    raw = _read_bytes(path)
+    tmpl = _template_for(tokenizer, template, loss_on, end_token)  # validates the settings
+    digest, loaded = source_digest(path)
 
     entry = None
     if cache_dir is not False:
-        digest = hashlib.blake2b(raw, digest_size=20).hexdigest()
-        settings = [_CACHE_FORMAT, template, loss_on, encoder.end_id, max_length, overlong]
+        settings = [_CACHE_FORMAT, template, loss_on, tmpl.end_id, max_length, overlong]
         key = hashlib.sha256(json.dumps([digest, _tokenizer_fingerprint(tokenizer), settings]).encode())
         entry = Path(cache_dir or _default_cache_dir()) / key.hexdigest()[:32]
         cached = _load_cached(entry)
@@ -825,22 +415,15 @@ def encode_file(
             summary.path, summary.from_cache, summary.seconds = str(path), True, time.perf_counter() - t0
             return ds, summary
 
-    text = _decode(path, raw)
-    del raw
-    try:
-        items = list(_iter_items(text))
-    except _LineProblem as e:
-        raise DataError(f"{path}:{e.line}: {e.problem}") from None
-    except _Problem as e:
-        raise DataError(f"{path}:{text.count(chr(10)) + 1}: {e}") from None
-    del text
+    items = iter_items(path, loaded)
+    del loaded
     if not items:
         raise DataError(f"{path}:1: no conversations in the file")
     chunks = [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
     if num_workers is None:
         num_workers = min(os.cpu_count() or 1, 8)
     num_workers = max(1, min(num_workers, len(chunks)))
-    init_args = (tokenizer, template, loss_on, end_token, max_length, overlong)
+    init_args = (tokenizer, template, loss_on, end_token, max_length, overlong, _max_token_chars(tokenizer))
 
     bar = None
     if progress:
@@ -864,7 +447,7 @@ def encode_file(
                 collect(_encode_chunk(chunk))
         else:
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            with mp.get_context(method).Pool(num_workers, _init_worker, init_args) as pool:
+            with mp.get_context(method).Pool(num_workers, _init_worker, (*init_args, True)) as pool:
                 for result in pool.imap(_encode_chunk, chunks):
                     collect(result)
     finally:
@@ -872,10 +455,15 @@ def encode_file(
         if bar is not None:
             bar.close()
 
-    summary = DataSummary(path=str(path), conversations=len(items), max_length=max_length, overlong=overlong)
+    summary = DataSummary(
+        path=str(path), conversations=len(items), max_length=max_length, overlong=overlong, template=template
+    )
+    summary.encoder = tmpl.path
     for r in results:
         for k, v in r[4].items():
             setattr(summary, k, getattr(summary, k) + v)
+        if r[6] and not summary.skip_example:
+            summary.skip_example = f"{path}:{r[6].removeprefix('line ')}"
     ids = np.concatenate([r[1] for r in results]) if results else np.zeros(0, np.int32)
     mask = np.concatenate([r[2] for r in results]) if results else np.zeros(0, np.bool_)
     lengths = np.concatenate([r[3] for r in results]) if results else np.zeros(0, np.int64)

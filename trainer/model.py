@@ -239,7 +239,7 @@ def load_model(cfg, device: str | None = None) -> tuple[torch.nn.Module, object]
     device = resolve_device(device or cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     _check_model_path(cfg.model)
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     if cfg.model == "demo":
         spec = json.loads(DEMO_MODEL_CONFIG.read_text())
         spec["vocab_size"] = len(tokenizer)
@@ -250,7 +250,8 @@ def load_model(cfg, device: str | None = None) -> tuple[torch.nn.Module, object]
             model = Glm4ForCausalLM(Glm4Config(**spec))
         model.name_or_path = "demo"
     else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+        remote = cfg.trust_remote_code
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, trust_remote_code=remote)
     return model.to(device=device, dtype=dtype), tokenizer
 
 

@@ -17,6 +17,7 @@ from trainer.data import (
     load_conversations,
     load_tokenizer,
 )
+from trainer.fasttok import PieceEncoder
 
 IGNORE = -100
 
@@ -128,7 +129,7 @@ def test_glm4_fast_path_equals_template_path(tok, monkeypatch):
     convs = [r["messages"] for r in load_conversations(DEMO_TRAIN_FILE)[:60]] + rich_conversations()
     convs += [c["messages"] for c in generate_conversations(20, mean_tokens=300, seed=5)]
     fast = [encode_conversation(c, tok) for c in convs]
-    encoder = data._encoder_for(tok, "glm4", "all", None)
+    encoder = data._template_for(tok, "glm4", "all", None)
     assert encoder.fast and encoder.pieces is not None, "the demo tokenizer should take the direct path"
     monkeypatch.setattr(encoder, "fast", False)  # every message through apply_chat_template
     slow = [encode_conversation(c, tok) for c in convs]
@@ -138,7 +139,7 @@ def test_glm4_fast_path_equals_template_path(tok, monkeypatch):
 def test_piece_encoder_equals_backend_on_random_text(tok):
     import random
 
-    pieces = data._PieceEncoder.for_backend(tok.backend_tokenizer)
+    pieces = PieceEncoder.for_backend(tok.backend_tokenizer)
     alphabet = "ab Zz09 \t\n\r,.!?'\"{}[]:-_北京你好，。！？é½²🙂\u00a0\u3000" + "<|user|>"
     rng = random.Random(0)
     for _ in range(300):
@@ -308,13 +309,20 @@ def test_chatml_empty_and_whitespace_answers(chatml):
     assert labelled_text(chatml, e) == "<|im_end|>x<|im_end|>"
 
 
-def test_chat_template_refuses_non_prefix_template():
+def test_chat_template_without_prefix_stability():
+    # Earlier turns render differently from the last one: labels still follow the full rendering.
     t = _variant(
         "{% for m in messages %}{% if loop.last %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>"
-        "{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}",
+        "{% else %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
         ["<|im_start|>", "<|im_end|>"],
     )
-    with pytest.raises(ValueError, match="not extend"):
+    e = encode_conversation(PLAIN, t, template="chat_template", loss_on="last")
+    assert labelled_text(t, e) == "4, of course.<|im_end|>"
+    # An earlier turn rendered without the assistant header cannot be labelled: one clear error.
+    with pytest.raises(
+        DataError, match="message 3: the rendering has no assistant header|message 3: the chat"
+    ):
         encode_conversation(PLAIN, t, template="chat_template")
 
 
@@ -338,8 +346,10 @@ GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "ass
         (json.dumps({"msgs": []}), "missing 'messages'"),
         (json.dumps({"messages": "hi"}), "'messages' must be a list"),
         (json.dumps({"messages": [{"role": "bot", "content": "x"}]}), "unknown role 'bot'"),
-        (json.dumps({"messages": [{"role": "user", "content": 3}]}), "content must be a string, got int"),
-        (json.dumps({"messages": [{"role": "user", "content": None}]}), "content must be a string, got null"),
+        (json.dumps({"messages": [{"role": "user", "content": 3}]}), "content must be a string or a list"),
+        (json.dumps({"messages": [{"role": "user", "content": None}]}), "list of text parts, got null"),
+        ('{"messages": [{"role": "user", "role": "assistant", "content": "x"}]}', "duplicate key 'role'"),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}], "tools": {"a": 1}}), "must be a list"),
         (
             json.dumps(
                 {
@@ -394,11 +404,32 @@ def test_encode_file_matches_per_conversation_and_summary(tmp_path, tok):
     assert s.tokens == sum(len(e.input_ids) for e in kept)
     assert s.label_tokens == sum(sum(t != IGNORE for t in e.labels) for e in kept)
     assert "dropped 1" in s.format() and "no trainable token" in s.format()
+    assert "glm4: role tokens + cached byte-level BPE pieces" in s.format()  # the path that ran
 
     ds, s = encode_file(p, tok, max_length=1000, overlong="truncate", cache_dir=False, progress=False)
-    assert s.truncated == 1 and s.dropped_overlong == 0 and len(ds) == len(kept) + 1
-    cut = expect[-1]
-    assert ds[-1] == type(cut)(cut.input_ids[:1000], cut.labels[:1000])
+    assert (
+        s.truncated == 0 and s.dropped_overlong == 0 and len(ds) == len(kept)
+    )  # its only turn is cut: none left
+
+
+def test_truncate_cuts_at_a_turn_boundary(tmp_path, tok):
+    conv = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "short answer"},
+        {"role": "user", "content": "more"},
+        {"role": "assistant", "content": "word " * 600},
+    ]
+    full = encode_conversation(conv, tok)
+    first = encode_conversation(conv[:2], tok)
+    p = tmp_path / "t.jsonl"
+    write_jsonl([{"messages": conv}], p)
+    ds, s = encode_file(p, tok, max_length=300, overlong="truncate", cache_dir=False, progress=False)
+    assert s.truncated == 1 and len(ds) == 1
+    end = (
+        max(i for i, t in enumerate(first.labels) if t != IGNORE) + 1
+    )  # the first turn, its end token included
+    assert ds[0].input_ids == full.input_ids[:end] and ds[0].labels == full.labels[:end]
+    assert tok.convert_ids_to_tokens(ds[0].labels[-1]) == "<|user|>"
 
 
 def test_cache_roundtrip_and_key(tmp_path, tok):
@@ -474,3 +505,48 @@ def test_demo_assets_rebuild_identically(tmp_path):
     bt.build_tokenizer(bt.corpus(train + val), tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / name).read_bytes() == (data.DEMO_TOKENIZER_DIR / name).read_bytes(), name
+
+
+class _SlowTokenizer:
+    """The demo tokenizer without its Rust backend, as GLM-4's own glm-4-9b-chat tokenizer is."""
+
+    is_fast = False
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __len__(self):
+        return len(self._tok)
+
+    def __getattr__(self, name):
+        if name == "backend_tokenizer":
+            raise AttributeError(name)
+        return getattr(self._tok, name)
+
+
+def test_glm4_on_a_slow_tokenizer_equals_the_fast_one(tok, tmp_path):
+    slow = _SlowTokenizer(tok)
+    for conv in rich_conversations():
+        assert encode_conversation(conv, slow) == encode_conversation(conv, tok)
+    p = tmp_path / "c.jsonl"
+    write_jsonl(demo_conversations(20, seed=7), p)
+    common = dict(cache_dir=False, progress=False, num_workers=1)
+    assert list(encode_file(p, slow, **common)[0]) == list(encode_file(p, tok, **common)[0])
+    with pytest.raises(ValueError, match="needs a fast tokenizer"):
+        encode_conversation(PLAIN, slow, template="chat_template")
+
+
+def test_remote_code_tokenizer_needs_trust_remote_code(tmp_path):
+    for f in data.DEMO_TOKENIZER_DIR.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg.pop("tokenizer_class")
+    cfg["auto_map"] = {"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "tokenization_custom.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    with pytest.raises(ValueError, match="set trust_remote_code: true"):
+        load_tokenizer(str(tmp_path))
+    assert type(load_tokenizer(str(tmp_path), trust_remote_code=True)).__name__ == "CustomTokenizer"
