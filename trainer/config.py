@@ -62,6 +62,11 @@ class TrainConfig:
     log_every: int = 10  # one progress line every this many steps
     eval_every: int = 500  # validation loss every this many steps (and at the end); 0: only at the end
     patience: int = 0  # stop after this many evaluations without improvement; 0: never stop early
+    eval_generate: int = 0  # each evaluation answers the last turn of this many val conversations; 0: off
+    eval_max_new_tokens: int = 256  # most tokens of one such answer
+    # best/ and patience follow this: "val_loss", or a generation metric (trainer/evalgen.py): "exact_match",
+    # "similarity", "stop_rate" (higher is better), "repetition" (lower), "length_ratio" (closest to 1)
+    metric_for_best: str = "val_loss"
     save_every: int = 500  # checkpoint every this many steps (and at the end); 0: only at the end
     save_merged: bool = False  # at the end, also save the adapter merged into the base weights (merged/)
     output_dir: str = "outputs"  # where checkpoints, best/, final/, metrics.jsonl and loss.png go
@@ -82,6 +87,8 @@ DEMO = dict(
     lora_dropout=0.0,
     log_every=10,
     eval_every=50,
+    eval_generate=8,
+    eval_max_new_tokens=40,
     save_every=100,
     output_dir="outputs/demo",
 )
@@ -175,6 +182,23 @@ def _check(cfg: TrainConfig) -> None:
         )
     if not 0 <= cfg.lora_dropout < 1:
         raise ConfigError(f"lora_dropout: must be in [0, 1), got {cfg.lora_dropout}")
+    _check_eval_generate(cfg)
+
+
+def _check_eval_generate(cfg: TrainConfig) -> None:
+    if cfg.eval_generate < 0 or cfg.eval_max_new_tokens < 1:
+        raise ConfigError(f"eval_generate must not be negative and eval_max_new_tokens must be at least 1, "
+                          f"got {cfg.eval_generate} and {cfg.eval_max_new_tokens}")  # fmt: skip
+    if cfg.metric_for_best != "val_loss":
+        from trainer.evalgen import METRICS
+
+        if cfg.metric_for_best not in METRICS:
+            raise ConfigError(f"metric_for_best: {cfg.metric_for_best!r} is not one of {', '.join(METRICS)}")
+        if not cfg.eval_generate:
+            raise ConfigError(f"metric_for_best: {cfg.metric_for_best} is a generation metric; set "
+                              "eval_generate to how many validation conversations to answer")  # fmt: skip
+    if cfg.eval_generate and not cfg.val_file:
+        raise ConfigError("eval_generate: answers validation conversations, but val_file is empty")
 
 
 def load_config(argv: list[str] | None = None) -> TrainConfig:

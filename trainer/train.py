@@ -25,6 +25,7 @@ import yaml
 from tqdm import tqdm
 
 from kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
+from trainer import evalgen  # generation-based validation, best/ by metric_for_best
 from trainer.config import TrainConfig, config_to_dict, save_config
 from trainer.distributed import ONE_PROCESS, World, close_world, init_world
 from trainer.model import (
@@ -266,7 +267,9 @@ def plot_losses(records: list[dict], path: Path) -> None:
 
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    generation = evalgen.has_generation_metrics(records)  # evalgen hook: a second panel
+    fig, axes = plt.subplots(2 if generation else 1, 1, figsize=(6, 7 if generation else 4), squeeze=False)
+    ax = axes[0, 0]
     if train:
         ax.plot(*zip(*train, strict=True), label="train")
     if val:
@@ -275,6 +278,8 @@ def plot_losses(records: list[dict], path: Path) -> None:
     ax.set_ylabel("loss (nats per target token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if generation:  # evalgen hook
+        evalgen.plot_generation(axes[1, 0], records)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -388,6 +393,8 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     if world.is_main:
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         save_config(cfg, out / "train_config.yaml")
+    # evalgen hook: the validation prompts answered at each evaluation (None when eval_generate is 0)
+    generation = evalgen.GenerationEval.setup(cfg, tokenizer, model, world, autocast, out, state["step"])
 
     trainable = sum(p.numel() for p in params)
     say(
@@ -396,6 +403,8 @@ def _train(cfg: TrainConfig, world: World) -> dict:
         f"{rows_per_epoch} packed rows per epoch, {total_steps} steps of {cfg.grad_accum} rows"
         + (f" on each of {world.size} processes" if world.size > 1 else "")
     )
+    if generation is not None:  # evalgen hook
+        say(generation.describe())
     peak = peak_flops(device)
 
     def log(record: dict) -> None:
@@ -405,17 +414,18 @@ def _train(cfg: TrainConfig, world: World) -> dict:
                 f.write(json.dumps(record) + "\n")
 
     def run_eval() -> bool:
-        """Validation loss, best/ adapter, early stopping; True when patience is exhausted."""
+        """Validation loss (and answers), best/ adapter, early stopping; True when patience is exhausted."""
         val = evaluate(model, val_batches, head, loss_fn, device, autocast, world)
-        log({"step": state["step"], "val_loss": val})
-        improved = state["best_val"] is None or val < state["best_val"]
-        if improved:
-            state["best_val"], state["evals_since_best"] = val, 0
+        record = {"step": state["step"], "val_loss": val}
+        record |= generation.run(model, state["step"]) if generation is not None else {}  # evalgen hook
+        log(record)
+        # evalgen hook: best/ and patience follow cfg.metric_for_best; the over-fitting guard
+        verdict = evalgen.judge(state, record, records, metric=cfg.metric_for_best, patience=cfg.patience)
+        if verdict.improved:
             on_main(save_adapter, model, tokenizer, cfg, out / "best")
-        else:
-            state["evals_since_best"] += 1
-        say(f"step {state['step']}: val loss {val:.4f}{' (best)' if improved else ''}")
-        return cfg.patience > 0 and state["evals_since_best"] >= cfg.patience
+        for line in verdict.lines:
+            say(line)
+        return verdict.stop
 
     losses: list[float] = []  # every step of this run, in order
     window = dict(loss=0.0, steps=0, tokens=0, flops=0.0, t0=time.perf_counter())
@@ -533,7 +543,8 @@ def _train(cfg: TrainConfig, world: World) -> dict:
         "steps": state["step"],
         "first_loss": state["first_loss"],  # of the first step
         "last_loss": logged[-1],  # mean of the last logging window
-        "best_val_loss": state["best_val"],
+        "best_val_loss": state["best_val"],  # of the evaluation in best/
+        "best_step": state.get("best_step"),  # evalgen hook: the evaluation in best/
         "skipped_steps": state["skipped"],
         "stop_reason": stop_reason,
         "losses": losses,
@@ -543,6 +554,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
         f"{stop_reason} after {state['step']} steps: train loss {result['first_loss']:.4f} (first step) -> "
         f"{result['last_loss']:.4f} (last {cfg.log_every} steps)"
         + (f", best val loss {state['best_val']:.4f}" if state["best_val"] is not None else "")
+        + evalgen.best_summary(state, cfg.metric_for_best)  # evalgen hook
         + f"; adapter in {out / 'final'}"
     )
     return result
