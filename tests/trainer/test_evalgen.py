@@ -16,7 +16,7 @@ import trainer.generate as gen
 from kernels import masked_linear_cross_entropy
 from trainer.config import ConfigError, load_config
 from trainer.data import DEMO_VAL_FILE, encode_file
-from trainer.model import ATTN_NAME, enable_varlen_attention, lm_head_spec, load_model
+from trainer.model import ATTN_NAME, enable_varlen_attention, lm_head_spec
 from trainer.packing import make_packed_batches
 from trainer.train import evaluate, train
 
@@ -96,8 +96,9 @@ LOOPS = [("abcabcabc", 3, 9, True), ("abcabcabc", 3, 10, False), ("abcabcab", 3,
          ("It is sunny. " * 3, 3, 24, True), ("It is sunny. It is sunny. It is sunny.", 3, 24, False),
          ("It is sunny. " * 4, 3, 24, True), ("Sure: 8, 9, 10, 11, 12, 13, 14.", 3, 24, False),
          ("a" * 24, 3, 24, True), ("a" * 23, 3, 24, False), ("x" + "ab" * 12 + "y", 3, 24, True),
-         ("The capital ofThe capital ofThe capital of", 3, 24, True), ("It is sunny. It is sunny.", 3, 24, False),
-         ("", 3, 24, False), ([7, 8, 9] * 3, 3, 9, True), ([7, 8, 9] * 3 + [1], 4, 9, False)]  # fmt: skip
+         ("The capital ofThe capital ofThe capital of", 3, 24, True),
+         ("It is sunny. It is sunny.", 3, 24, False), ("", 3, 24, False), ([7, 8, 9] * 3, 3, 9, True),
+         ([7, 8, 9] * 3 + [1], 4, 9, False)]  # fmt: skip
 
 
 @pytest.mark.parametrize(("seq", "repeats", "span", "loop"), LOOPS)
@@ -202,7 +203,8 @@ def test_batched_generation_equals_one_at_a_time(fixed_answer):
     untrained = sorted(short, key=lambda m: len(gen.prompt_ids(tokenizer, m)))[:3]  # 75-94 tokens
     enable_varlen_attention(model)
     model.train()
-    for conversations, adapter, stop in ((trained, nullcontext(), True), (untrained, model.disable_adapter(), False)):
+    cases = ((trained, nullcontext(), True), (untrained, model.disable_adapter(), False))
+    for conversations, adapter, stop in cases:
         with adapter:
             prompts = [gen.prompt_ids(tokenizer, m) for m in conversations]
             batched = ev.generate_batch(model, prompts, stops, max_new_tokens=24)
@@ -241,7 +243,7 @@ def never_stops(model, tokenizer, cycle: list[int]):
 def test_a_model_that_never_stops_has_stop_rate_0_and_loops(fixed_answer, tmp_path):
     cfg, _ = fixed_answer
     model, tokenizer, _ = gen.load_adapter(Path(cfg.output_dir) / "best")
-    prompts, skipped = ev.validation_prompts(cfg.val_file, tokenizer, count=4, template="glm4", max_length=256)
+    prompts, skipped = ev.validation_prompts(cfg.val_file, tokenizer, count=9, template="glm4", max_length=99)
     assert skipped == 0 and [p.reference for p in prompts] == [ANSWER] * 4
     stops = gen.stop_token_ids(tokenizer, model.get_base_model())
     runner = ev.GenerationEval(prompts, tokenizer, stops, max_new_tokens=40, batch_tokens=4096,
@@ -255,4 +257,88 @@ def test_a_model_that_never_stops_has_stop_rate_0_and_loops(fixed_answer, tmp_pa
     samples = _records(tmp_path, "samples.jsonl")
     assert [s["step"] for s in samples] == [1] * 4 + [2] * 4
     assert all(s["stopped"] and not s["loop"] for s in samples[:4])
-    assert all(not s["stopped"] and s["loop"] and "sword fish and sword fish" in s["output"] for s in samples[4:])
+    for s in samples[4:]:
+        assert not s["stopped"] and s["loop"] and "sword fish and sword fish" in s["output"]
+
+
+# ------------------------------------------------------------- the best evaluation and the over-fitting guard
+
+
+def _run(evals: list[tuple[float, float, float]], *, metric: str, patience: int = 0):
+    """Feed evaluations (train loss, val loss, value of ``metric`` unless that is val_loss) every 10 steps
+    to judge; return the state and each evaluation's verdict."""
+    state = {"best_val": None, "evals_since_best": 0}
+    records, verdicts = [], []
+    for i, (train_loss, val_loss, value) in enumerate(evals):
+        step = 10 * (i + 1)
+        records.append({"step": step, "loss": train_loss})
+        record = {"step": step, "val_loss": val_loss, **_generated()}
+        if metric != "val_loss":
+            record[metric] = value
+        records.append(record)
+        verdicts.append(ev.judge(state, record, records, metric=metric, patience=patience))
+    return state, verdicts
+
+
+def _generated() -> dict:
+    return {"exact_match": 0.5, "similarity": 0.5, "stop_rate": 1.0, "repetition": 0.0, "length_ratio": 1.0,
+            "gen_seconds": 0.1}  # fmt: skip
+
+
+def test_best_follows_the_metric_not_the_validation_loss():
+    # the validation loss keeps falling; exact match peaks at step 20 and ties there again at step 40
+    evals = [(2.0, 1.5, 0.25), (1.5, 1.2, 0.75), (1.0, 1.0, 0.5), (0.8, 0.9, 0.75), (0.6, 0.8, 0.5)]
+    state, verdicts = _run(evals, metric="exact_match")
+    assert [v.improved for v in verdicts] == [True, True, False, True, False]  # the tie: lower val loss
+    scores = "similarity 0.500, stop rate 1.00, repetition 0.00, length ratio 1.00 (generated in 0.1 s)"
+    assert verdicts[0].lines == [f"step 10: val loss 1.5000, exact match 0.250, {scores} (best)"]
+    assert verdicts[2].lines == [f"step 30: val loss 1.0000, exact match 0.500, {scores}"]
+    assert state["best_step"] == 40 and state["best_val"] == 0.9 and state["best_metric"] == 0.75
+    state, verdicts = _run(evals, metric="val_loss")
+    assert all(v.improved for v in verdicts) and state["best_step"] == 50
+    # lower is better for repetition, closest to 1 for the length ratio
+    state, _ = _run([(1, 1, 0.5), (1, 1, 0.0), (1, 1, 0.25)], metric="repetition")
+    assert state["best_step"] == 20
+    state, _ = _run([(1, 1, 2.0), (1, 1, 0.8), (1, 1, 1.3), (1, 1, 1.1)], metric="length_ratio")
+    assert state["best_step"] == 40
+    assert ev.format_eval({"step": 7, "val_loss": 2.0}, best=True) == "step 7: val loss 2.0000 (best)"
+
+
+def test_the_guard_names_the_best_step_when_training_loss_falls_and_the_metric_worsens():
+    evals = [(2.0, 1.5, 0.5), (1.5, 1.2, 1.0), (1.0, 1.0, 0.75), (0.8, 0.9, 0.5), (0.6, 0.8, 0.25),
+             (0.5, 0.7, 0.0)]  # fmt: skip
+    _, verdicts = _run(evals, metric="exact_match")  # patience 0: the guard speaks after 3, training goes on
+    guard = [line for v in verdicts for line in v.lines if line.startswith("over-fitting")]
+    assert len(guard) == 1 and "since step 20" in guard[0] and "3 evaluations in a row" in guard[0]
+    assert "over-fitting" in verdicts[4].lines[-1] and not any(v.stop for v in verdicts)
+    _, verdicts = _run(evals, metric="exact_match", patience=2)  # patience: the guard, then stop
+    assert "over-fitting" in verdicts[3].lines[-1] and "since step 20" in verdicts[3].lines[-1]
+    assert [v.stop for v in verdicts[:4]] == [False, False, False, True]
+    # training loss rising too: not over-fitting, nothing said; patience still stops
+    rising = [(1.0 + i, 1.0, value) for i, (_, _, value) in enumerate(evals)]
+    _, verdicts = _run(rising, metric="exact_match", patience=2)
+    assert not any("over-fitting" in line for v in verdicts for line in v.lines) and verdicts[3].stop
+    # a plateau at the best value is not worse: no warning however long it lasts
+    _, verdicts = _run([(2.0 - 0.1 * i, 1.0, 1.0) for i in range(6)], metric="exact_match")
+    assert not any("over-fitting" in line for v in verdicts for line in v.lines)
+
+
+def test_resumed_state_from_before_metric_for_best_keeps_its_best_validation_loss():
+    state = {"best_val": 0.5, "evals_since_best": 1}  # a checkpoint written before best_metric existed
+    verdict = ev.judge(state, {"step": 30, "val_loss": 0.6}, [], metric="val_loss", patience=2)
+    assert not verdict.improved and verdict.stop and state["best_val"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--metric-for-best", "bleu", "--eval-generate", "2"], "'bleu' is not one of val_loss, exact_match"),
+     (["--metric-for-best", "exact_match", "--eval-generate", "0"], "set eval_generate"),
+     (["--eval-generate", "-1"], "eval_generate must not be negative"),
+     (["--eval-max-new-tokens", "0"], "eval_max_new_tokens must be at least 1"),
+     (["--eval-generate", "4", "--val-file", ""], "val_file is empty")],
+)  # fmt: skip
+def test_bad_generation_settings_are_one_line_errors(args, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(args)
+    assert load_config([]).eval_generate > 0  # on in the demo
+    assert load_config(["--model", "some/model"]).eval_generate == 0  # off by default
