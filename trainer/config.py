@@ -88,7 +88,7 @@ DEMO = dict(
     log_every=10,
     eval_every=50,
     eval_generate=8,
-    eval_max_new_tokens=40,
+    eval_max_new_tokens=32,
     save_every=100,
     output_dir="outputs/demo",
 )

@@ -1,5 +1,6 @@
 """torchrun with 2 CPU processes (gloo) against one process over the same rows: same losses, gradients
-(their norm, every step), validation losses and adapter; rank 0 alone writes; resume works."""
+(their norm, every step), validation losses, generated answers and adapter; rank 0 alone writes; resume
+works."""
 
 import json
 import os
@@ -39,7 +40,7 @@ def _args(data: Path, out: Path, grad_accum: int) -> list[str]:
             "--lora-dropout", "0", "--max-steps", "0", "--epochs", "2", "--warmup", "2", "--log-every", "1",
             "--eval-every", "3", "--save-every", "3", "--train-file", str(data / "train.jsonl"),
             "--val-file", str(data / "val.jsonl"), "--grad-accum", str(grad_accum),
-            "--output-dir", str(out)]  # fmt: skip
+            "--eval-generate", "3", "--eval-max-new-tokens", "6", "--output-dir", str(out)]  # fmt: skip
 
 
 def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
@@ -82,6 +83,11 @@ def test_two_processes_match_one(runs):
     assert [sorted(r) for r in one] == [sorted(r) for r in two]  # same records, each written once
     for key in ("loss", "grad_norm", "val_loss"):  # grad_norm: of the summed gradients, before clipping
         _close([r[key] for r in two if key in r], [r[key] for r in one if key in r])
+    # generation is split across the processes (3 prompts on 2 ranks) and gathered: the same answers
+    answers = [(tmp / run / "eval_samples.jsonl").read_text().splitlines() for run in ("single", "ddp")]
+    assert answers[0] == answers[1] and len(answers[0]) == 3 * len([r for r in one if "val_loss" in r])
+    for key in ("exact_match", "similarity", "stop_rate", "repetition", "length_ratio"):
+        assert [r[key] for r in two if key in r] == [r[key] for r in one if key in r]
     assert [r["lr"] for r in two if "lr" in r] == [r["lr"] for r in one if "lr" in r]
     for name in ("final", "best", "checkpoint-000003", "checkpoint-000006"):
         a = load_file(tmp / "single" / name / "adapter_model.safetensors")
