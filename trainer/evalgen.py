@@ -247,12 +247,14 @@ class GenerationEval:
     """Answers the validation prompts at each evaluation and scores them. Under torchrun every rank answers
     its share of the prompts (sorted by length, dealt round-robin), all answers are gathered on every
     rank (so every rank takes the same best/early-stop decision) and rank 0 appends them to
-    ``eval_samples.jsonl``."""
+    ``eval_samples.jsonl``. Ranks run their forward passes independently, which data parallel allows; a
+    sharded model (FSDP) would need every rank to run the same number of them."""
 
     def __init__(self, prompts: list[Prompt], tokenizer, stops: set[int], *, max_new_tokens: int,
                  batch_tokens: int, world: World = ONE_PROCESS, autocast=None,
-                 samples_path: Path | None = None):  # fmt: skip
+                 samples_path: Path | None = None, skipped: int = 0):  # fmt: skip
         self.prompts = sorted(prompts, key=lambda p: -len(p.ids))
+        self.skipped = skipped  # conversations passed over (for describe)
         self.tokenizer, self.stops, self.world = tokenizer, stops, world
         self.max_new_tokens, self.batch_tokens = max_new_tokens, batch_tokens
         self.autocast = autocast if autocast is not None else nullcontext()
@@ -277,8 +279,7 @@ class GenerationEval:
             _keep_samples_up_to(samples, resumed_step)
         self = cls(prompts, tokenizer, stop_token_ids(tokenizer, base),
                    max_new_tokens=cfg.eval_max_new_tokens, batch_tokens=BATCH_TOKENS_PER_ROW * cfg.max_tokens,
-                   world=world, autocast=autocast, samples_path=samples)  # fmt: skip
-        self.skipped = skipped
+                   world=world, autocast=autocast, samples_path=samples, skipped=skipped)  # fmt: skip
         return self
 
     def describe(self) -> str:
@@ -430,6 +431,8 @@ def plot_generation(ax, records: list[dict]) -> None:
     ax.grid(alpha=0.3)
     right = ax.twinx()
     right.plot(steps, [r["length_ratio"] for r in rows], "k--", alpha=0.6, label="length ratio")
+    right.axhline(1.0, color="k", linewidth=0.5, alpha=0.3)  # the reference's length
+    right.set_ylim(bottom=0)
     right.set_ylabel("answer / reference length")
     handles, labels = ax.get_legend_handles_labels()
     more, more_labels = right.get_legend_handles_labels()

@@ -268,7 +268,8 @@ def plot_losses(records: list[dict], path: Path) -> None:
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     generation = evalgen.has_generation_metrics(records)  # evalgen hook: a second panel
-    fig, axes = plt.subplots(2 if generation else 1, 1, figsize=(6, 7 if generation else 4), squeeze=False)
+    fig, axes = plt.subplots(2 if generation else 1, 1, figsize=(6, 7 if generation else 4), sharex=True,
+                             squeeze=False)  # fmt: skip
     ax = axes[0, 0]
     if train:
         ax.plot(*zip(*train, strict=True), label="train")
