@@ -197,8 +197,6 @@ def _check_eval_generate(cfg: TrainConfig) -> None:
         if not cfg.eval_generate:
             raise ConfigError(f"metric_for_best: {cfg.metric_for_best} is a generation metric; set "
                               "eval_generate to how many validation conversations to answer")  # fmt: skip
-    if cfg.eval_generate and not cfg.val_file:
-        raise ConfigError("eval_generate: answers validation conversations, but val_file is empty")
 
 
 def load_config(argv: list[str] | None = None) -> TrainConfig:

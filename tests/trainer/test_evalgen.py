@@ -334,11 +334,20 @@ def test_resumed_state_from_before_metric_for_best_keeps_its_best_validation_los
     [(["--metric-for-best", "bleu", "--eval-generate", "2"], "'bleu' is not one of val_loss, exact_match"),
      (["--metric-for-best", "exact_match", "--eval-generate", "0"], "set eval_generate"),
      (["--eval-generate", "-1"], "eval_generate must not be negative"),
-     (["--eval-max-new-tokens", "0"], "eval_max_new_tokens must be at least 1"),
-     (["--eval-generate", "4", "--val-file", ""], "val_file is empty")],
+     (["--eval-max-new-tokens", "0"], "eval_max_new_tokens must be at least 1")],
 )  # fmt: skip
 def test_bad_generation_settings_are_one_line_errors(args, message):
     with pytest.raises(ConfigError, match=message):
         load_config(args)
     assert load_config([]).eval_generate > 0  # on in the demo
     assert load_config(["--model", "some/model"]).eval_generate == 0  # off by default
+
+
+def test_a_resumed_run_keeps_the_answers_up_to_its_checkpoint(tmp_path):
+    path = tmp_path / "eval_samples.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "prompt": p, "output": "x"}) + "\n" for s in (5, 10, 15)
+                            for p in range(2)))  # fmt: skip
+    ev._keep_samples_up_to(path, 10)  # resumed from checkpoint 10: evaluation 15 is redone
+    assert [(r["step"], r["prompt"]) for r in _records(tmp_path, path.name)] == [(5, 0), (5, 1), (10, 0), (10, 1)]
+    ev._keep_samples_up_to(path, 0)  # a fresh run
+    assert path.read_text() == ""
