@@ -39,7 +39,6 @@ METRICS = {
     "repetition": "min",  # share of answers caught in a loop (a block repeated back to back, see has_loop)
     "length_ratio": "one",  # mean of (answer characters) / (reference characters)
 }
-GENERATION_METRICS = tuple(name for name in METRICS if name != "val_loss")
 LOOP_REPEATS = 3  # a loop: at least this many back-to-back copies of a block ...
 LOOP_SPAN = 24  # ... covering at least this many characters of the normalised answer
 
@@ -240,7 +239,7 @@ def validation_prompts(path, tokenizer, *, count: int, template: str, max_length
 
 # ------------------------------------------------------------------------------------ at each evaluation
 
-BATCH_TOKENS_PER_ROW = 2  # a generation batch holds up to 2 x max_tokens prompt + answer tokens (README)
+GENERATION_BATCH_FACTOR = 2  # a generation batch holds up to 2 x max_tokens prompt + answer tokens (README)
 
 
 class GenerationEval:
@@ -277,10 +276,10 @@ class GenerationEval:
         samples = Path(out) / "eval_samples.jsonl"
         if world.is_main:
             _keep_samples_up_to(samples, resumed_step)
-        self = cls(prompts, tokenizer, stop_token_ids(tokenizer, base),
-                   max_new_tokens=cfg.eval_max_new_tokens, batch_tokens=BATCH_TOKENS_PER_ROW * cfg.max_tokens,
-                   world=world, autocast=autocast, samples_path=samples, skipped=skipped)  # fmt: skip
-        return self
+        stops = stop_token_ids(tokenizer, base)
+        return cls(prompts, tokenizer, stops, max_new_tokens=cfg.eval_max_new_tokens,
+                   batch_tokens=GENERATION_BATCH_FACTOR * cfg.max_tokens, world=world, autocast=autocast,
+                   samples_path=samples, skipped=skipped)  # fmt: skip
 
     def describe(self) -> str:
         lengths = [len(p.ids) for p in self.prompts]
@@ -408,7 +407,7 @@ def best_summary(state: dict, metric: str) -> str:
     """For the run's last line: which evaluation best/ holds when it is chosen by a generation metric."""
     if metric == "val_loss" or state.get("best_by") != metric:
         return ""
-    return f", best {metric} {state['best_metric']:.4g} at step {state['best_step']}"
+    return f" (best/ is step {state['best_step']} by {metric}: {state['best_metric']:.4g})"
 
 
 # ------------------------------------------------------------------------------------------------- plot
