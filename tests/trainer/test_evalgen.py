@@ -352,3 +352,12 @@ def test_a_resumed_run_keeps_the_answers_up_to_its_checkpoint(tmp_path):
     assert kept == [(5, 0), (5, 1), (10, 0), (10, 1)]
     ev._keep_samples_up_to(path, 0)  # a fresh run
     assert path.read_text() == ""
+
+
+def test_generation_batches_fit_the_token_budget():
+    prompts = [ev.Prompt(i, [1] * n, "") for i, n in enumerate([20, 50, 5, 40, 10, 30, 95])]
+    runner = ev.GenerationEval(prompts, None, set(), max_new_tokens=10, batch_tokens=100)
+    batches = runner.batches(runner.prompts)
+    assert [[len(p.ids) for p in b] for b in batches] == [[95], [50], [40, 30], [20, 10, 5]]
+    for b in batches:  # rows x (longest prompt + new tokens), or a single row however long
+        assert len(b) == 1 or len(b) * (max(len(p.ids) for p in b) + 10) <= 100
