@@ -68,6 +68,11 @@ class TrainConfig:
     log_every: int = 10  # one progress line every this many steps
     eval_every: int = 500  # validation loss every this many steps (and at the end); 0: only at the end
     patience: int = 0  # stop after this many evaluations without improvement; 0: never stop early
+    eval_generate: int = 0  # each evaluation answers the last turn of this many val conversations; 0: off
+    eval_max_new_tokens: int = 256  # most tokens of one such answer
+    # best/ and patience follow this: "val_loss", or a generation metric (trainer/evalgen.py): "exact_match",
+    # "similarity", "stop_rate" (higher is better), "repetition" (lower), "length_ratio" (closest to 1)
+    metric_for_best: str = "val_loss"
     save_every: int = 500  # checkpoint every this many steps (and at the end); 0: only at the end
     save_merged: bool = False  # at the end, also save the adapter merged into the base weights (merged/)
     output_dir: str = "outputs"  # where checkpoints, best/, final/, metrics.jsonl and loss.png go
@@ -92,6 +97,8 @@ DEMO = dict(
     lora_dropout=0.0,
     log_every=10,
     eval_every=50,
+    eval_generate=8,
+    eval_max_new_tokens=32,
     save_every=100,
     output_dir="outputs/demo",
 )
@@ -191,6 +198,7 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"patience={cfg.patience} needs validation data, but val_file is empty")
     _check_output_dir(cfg.output_dir)
     _check_report_to(cfg.report_to)
+    _check_eval_generate(cfg)
     if cfg.resume_override:
         from trainer.resume import check_override_keys
 
@@ -221,6 +229,20 @@ def _check_report_to(names: list[str]) -> None:
             raise ConfigError(f"report_to: {name!r} is not one of none, {', '.join(REPORTERS)}")
         if importlib.util.find_spec(REPORTERS[name]) is None:
             raise ConfigError(f"report_to: {name} is not installed (pip install {REPORTERS[name]})")
+
+
+def _check_eval_generate(cfg: TrainConfig) -> None:
+    if cfg.eval_generate < 0 or cfg.eval_max_new_tokens < 1:
+        raise ConfigError(f"eval_generate must not be negative and eval_max_new_tokens must be at least 1, "
+                          f"got {cfg.eval_generate} and {cfg.eval_max_new_tokens}")  # fmt: skip
+    if cfg.metric_for_best != "val_loss":
+        from trainer.evalgen import METRICS
+
+        if cfg.metric_for_best not in METRICS:
+            raise ConfigError(f"metric_for_best: {cfg.metric_for_best!r} is not one of {', '.join(METRICS)}")
+        if not cfg.eval_generate:
+            raise ConfigError(f"metric_for_best: {cfg.metric_for_best} is a generation metric; set "
+                              "eval_generate to how many validation conversations to answer")  # fmt: skip
 
 
 def load_config(argv: list[str] | None = None) -> TrainConfig:

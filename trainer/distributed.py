@@ -60,6 +60,14 @@ class World:
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
 
+    def gather_objects(self, obj) -> list:
+        """Every rank's ``obj`` (anything picklable), in rank order, on every rank."""
+        if self.size == 1:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
 
 ONE_PROCESS = World()
 

@@ -17,12 +17,13 @@ import argparse
 import inspect
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from trainer.config import ConfigError, load_config
-from trainer.model import ATTN_NAME, native_lora_targets, prepare_model
+from trainer.model import ATTN_NAME, hf_reference_attention, native_lora_targets, prepare_model
 
 # End-of-turn tokens of the chat formats this trainer knows: GLM-4 (the next role token), ChatML, Llama 3.
 STOP_TOKENS = ("<|user|>", "<|observation|>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>")
@@ -45,9 +46,12 @@ def stop_token_ids(tokenizer, model=None) -> set[int]:
     return ids
 
 
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The conversation rendered with the tokenizer's chat template, ending with the assistant's role."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def prompt_ids(tokenizer, messages: list[dict], *, tools=None, template_kwargs=None) -> list[int]:
+    """The conversation rendered with the tokenizer's chat template (with the record's ``tools`` and
+    template keyword arguments, as training renders it), ending with the assistant's role."""
+    text = tokenizer.apply_chat_template(
+        messages, tools=tools, add_generation_prompt=True, tokenize=False, **(template_kwargs or {})
+    )
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
@@ -61,25 +65,39 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(_base(model).forward).parameters else "past_key_values"
 
 
+@contextmanager
+def cached_attention(model):
+    """Inside: ``model`` in eval mode with an attention that takes a KV cache and padding masks. A model
+    switched to packed varlen attention (which wants cu_seqlens and no cache) is switched to sdpa for the
+    block; its attention and training mode are restored after it."""
+    base = _base(model)
+    attn = base.config._attn_implementation
+    if attn == ATTN_NAME:
+        base.set_attn_implementation(hf_reference_attention(base))  # eager where sdpa lacks a feature
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+        if attn == ATTN_NAME:
+            base.set_attn_implementation(ATTN_NAME)
+
+
 @torch.no_grad()
 def generate_ids(
     model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> list[int]:  # fmt: skip
     """New token ids after the prompt, the stop token excluded. Greedy when ``temperature`` is 0, else
-    sampled from softmax(logits / temperature). Uses the KV cache with the model's default attention:
-    a model switched to packed varlen attention is switched to sdpa for the call and back after it."""
+    sampled from softmax(logits / temperature). Uses the KV cache with the model's default attention
+    (see :func:`cached_attention`)."""
     if max_new_tokens < 1:
         raise GenerateError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if temperature < 0:
         raise GenerateError(f"temperature must not be negative, got {temperature}")
-    base = _base(model)
-    attn = base.config._attn_implementation
-    if attn == ATTN_NAME:  # varlen attention needs cu_seqlens and no cache; generation wants neither
-        base.set_attn_implementation("sdpa")
-    was_training = model.training
-    model.eval()
-    try:
+    with cached_attention(model):
+        base = _base(model)
         device = base.get_input_embeddings().weight.device
         stops = stop_token_ids(tokenizer, base)
         ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
@@ -99,10 +117,6 @@ def generate_ids(
             out.append(token)
             ids = torch.tensor([[token]], device=device)
         return out
-    finally:
-        model.train(was_training)
-        if attn == ATTN_NAME:
-            base.set_attn_implementation(ATTN_NAME)
 
 
 def generate(
@@ -114,6 +128,11 @@ def generate(
         model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature,
         generator=generator,
     )  # fmt: skip
+    return answer_text(tokenizer, ids)
+
+
+def answer_text(tokenizer, ids: list[int]) -> str:
+    """Generated ids as the answer's text: special tokens dropped, surrounding whitespace stripped."""
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 

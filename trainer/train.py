@@ -38,7 +38,7 @@ import yaml
 from tqdm import tqdm
 
 from kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
-from trainer import make_callable
+from trainer import evalgen, make_callable  # evalgen: generation-based validation
 from trainer.config import TrainConfig, config_to_dict, save_config
 from trainer.distributed import World, close_world, init_world
 from trainer.lock import output_dir_lock
@@ -326,6 +326,7 @@ class Run:
     updating: bool = False  # inside an optimizer update: an interrupt now cannot save a checkpoint
     accuracy: TokenAccuracy | None = None  # trained-token accuracy, counted by the loss
     reporters: Reporters | None = None  # report_to: TensorBoard, W&B (rank 0)
+    generation: evalgen.GenerationEval | None = None  # eval_generate: answers at each evaluation
 
     def say(self, line: str) -> None:
         if self.world.is_main:
@@ -440,6 +441,18 @@ def resume(run: Run) -> None:
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run.records))
         save_config(cfg, out / "train_config.yaml")
     run.reporters = Reporters(cfg, out, enabled=run.world.is_main)
+    # the validation prompts answered at each evaluation (None when eval_generate is 0); under FSDP every
+    # rank answers every prompt, since each forward pass needs all ranks
+    run.generation = evalgen.GenerationEval.setup(
+        cfg,
+        run.tokenizer,
+        run.model,
+        run.world,
+        run.autocast,
+        out,
+        run.state["step"],
+        split=run.strategy.name != "fsdp",
+    )
 
 
 def save_checkpoint(run: Run) -> Path:
@@ -560,18 +573,22 @@ class Progress:
 
 
 def run_eval(run: Run) -> bool:
-    """Validation loss, best/ adapter, early stopping; True when patience is exhausted."""
+    """Validation loss (and answers), best/ adapter, early stopping; True when patience is exhausted."""
     state = run.state
     val = evaluate(run.model, run.val_batches, run.head, run.loss_fn, run.device, run.autocast, run.strategy)
-    run.log({"step": state["step"], "val_loss": val, **run.accuracy.take(run.strategy, "val")})
-    improved = state["best_val"] is None or val < state["best_val"]
-    if improved:
-        state["best_val"], state["evals_since_best"] = val, 0
+    record = {"step": state["step"], "val_loss": val, **run.accuracy.take(run.strategy, "val")}
+    if run.generation is not None:
+        record |= run.generation.run(run.model, state["step"])
+    run.log(record)
+    # best/ and patience follow cfg.metric_for_best; the over-fitting guard (trainer/evalgen.py)
+    verdict = evalgen.judge(
+        state, record, run.records, metric=run.cfg.metric_for_best, patience=run.cfg.patience
+    )
+    if verdict.improved:
         save_final_adapter(run, run.out / "best")
-    else:
-        state["evals_since_best"] += 1
-    run.say(f"step {state['step']}: val loss {val:.4f}{' (best)' if improved else ''}")
-    return run.cfg.patience > 0 and state["evals_since_best"] >= run.cfg.patience
+    for line in verdict.lines:
+        run.say(line)
+    return verdict.stop
 
 
 def save_final_adapter(run: Run, path: Path) -> None:
@@ -613,6 +630,8 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     resume(run)
     state = run.state
     run.say(_summary(run))
+    if run.generation is not None:
+        run.say(run.generation.describe())
     progress = Progress(run)
     # a run resumed at its last step may have evaluated there already
     evaluated = [r["step"] for r in run.records if "val_loss" in r]
@@ -705,7 +724,8 @@ def finish(run: Run, stop_reason: str, last_eval: int | None, last_saved: int) -
         "steps": state["step"],
         "first_loss": state["first_loss"],  # of the first step
         "last_loss": logged[-1],  # mean of the last logging window
-        "best_val_loss": state["best_val"],
+        "best_val_loss": state["best_val"],  # of the evaluation in best/
+        "best_step": state.get("best_step"),  # the evaluation in best/
         "skipped_steps": state["skipped"],
         "stop_reason": stop_reason,
         "losses": run.losses,
@@ -715,6 +735,7 @@ def finish(run: Run, stop_reason: str, last_eval: int | None, last_saved: int) -
         f"{stop_reason} after {state['step']} steps: train loss {result['first_loss']:.4f} (first step) -> "
         f"{result['last_loss']:.4f} (last {cfg.log_every} steps)"
         + (f", best val loss {state['best_val']:.4f}" if state["best_val"] is not None else "")
+        + evalgen.best_summary(state, cfg.metric_for_best)
         + f"; adapter in {out / 'final'}"
     )
     return result
@@ -751,7 +772,10 @@ def plot_losses(records: list[dict], path: Path) -> None:
 
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    generation = evalgen.has_generation_metrics(records)  # a second panel
+    fig, axes = plt.subplots(2 if generation else 1, 1, figsize=(6, 7 if generation else 4), sharex=True,
+                             squeeze=False)  # fmt: skip
+    ax = axes[0, 0]
     if train:
         ax.plot(*zip(*train, strict=True), label="train")
     if val:
@@ -760,6 +784,8 @@ def plot_losses(records: list[dict], path: Path) -> None:
     ax.set_ylabel("loss (nats per target token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if generation:
+        evalgen.plot_generation(axes[1, 0], records)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,6 +1,6 @@
 """torchrun with 2 CPU processes (gloo), data parallel and FSDP2, against one process over the same rows:
-same losses, gradients (their norm, every step), validation losses and adapter; rank 0 alone writes;
-resume works, also after kill -9 and across 2 "nodes" joined by torchrun's c10d rendezvous."""
+same losses, gradients (their norm, every step), validation losses, generated answers and adapter; rank 0
+alone writes; resume works, also after kill -9 and across 2 "nodes" joined by torchrun's c10d rendezvous."""
 
 import json
 import os
@@ -53,7 +53,7 @@ def _args(data: Path, out: Path, grad_accum: int) -> list[str]:
             "--lora-dropout", "0", "--max-steps", "0", "--epochs", "2", "--warmup", "2", "--log-every", "1",
             "--eval-every", "3", "--save-every", "3", "--train-file", str(data / "train.jsonl"),
             "--val-file", str(data / "val.jsonl"), "--grad-accum", str(grad_accum),
-            "--output-dir", str(out)]  # fmt: skip
+            "--eval-generate", "3", "--eval-max-new-tokens", "6", "--output-dir", str(out)]  # fmt: skip
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -119,6 +119,11 @@ def test_two_processes_match_one(runs, parallel):
     assert [sorted(r) for r in one] == [sorted(r) for r in two]  # same records, each written once
     for key in ("loss", "grad_norm", "val_loss"):  # grad_norm: of the summed gradients, before clipping
         _close([r[key] for r in two if key in r], [r[key] for r in one if key in r])
+    # generation is split across the processes (3 prompts on 2 ranks) and gathered: the same answers
+    answers = [(tmp / run / "eval_samples.jsonl").read_text().splitlines() for run in ("single", "ddp")]
+    assert answers[0] == answers[1] and len(answers[0]) == 3 * len([r for r in one if "val_loss" in r])
+    for key in ("exact_match", "similarity", "stop_rate", "repetition", "length_ratio"):
+        assert [r[key] for r in two if key in r] == [r[key] for r in one if key in r]
     assert [r["lr"] for r in two if "lr" in r] == [r["lr"] for r in one if "lr" in r]
     for name in ("final", "best"):  # standard PEFT adapters, also under FSDP
         _same_adapter(tmp / "single" / name, tmp / parallel / name)
