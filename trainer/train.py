@@ -320,6 +320,10 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     out = Path(cfg.output_dir)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
+    if (checkpoint := find_checkpoint(cfg)) is not None:  # changed settings: refused before loading anything
+        compare_with_checkpoint(
+            yaml.safe_load((checkpoint / "train_config.yaml").read_text()), cfg, checkpoint
+        )
 
     # model: load, check the head, packed attention, LoRA
     try:
