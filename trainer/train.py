@@ -371,6 +371,10 @@ def setup(cfg: TrainConfig, world: World) -> Run:
         raise TrainingError(f"{setting} with parallel: fsdp is not supported; use parallel: ddp "
                             "(or merge final/ afterwards on one process)")  # fmt: skip
 
+    if (checkpoint := find_checkpoint(cfg)) is not None:  # changed settings: refused before loading anything
+        compare_with_checkpoint(
+            yaml.safe_load((checkpoint / "train_config.yaml").read_text()), cfg, checkpoint
+        )
     model, tokenizer, softcap = setup_model(cfg, say=lambda line: world.is_main and tqdm.write(line))
     flops = FlopCounter(model)  # the whole model, before any sharding
     base = model.get_base_model()

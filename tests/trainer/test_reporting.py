@@ -120,6 +120,7 @@ def test_python_api_trains_and_logs_accuracy_and_tensorboard(tmp_path, monkeypat
                       lr=5e-3, output_dir=str(tmp_path), report_to=["tensorboard"])  # fmt: skip
     result = train(cfg)
     assert result["steps"] == 4
+    assert not (tmp_path / ".lock").exists()  # the output-dir lock is released at the end
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_counts = [c for c in COUNTED if c[2]]
     assert len(train_counts) == 4  # one packed row per step

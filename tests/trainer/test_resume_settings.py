@@ -6,6 +6,7 @@ import pytest
 import torch
 import yaml
 
+import trainer.train as train_module
 from trainer.config import FIELDS, ConfigError, TrainConfig, config_to_dict, load_config
 from trainer.resume import FREE, OVERRIDABLE, apply_overrides, changed_settings, compare_with_checkpoint
 from trainer.train import lr_lambda, train
@@ -83,13 +84,14 @@ def test_overrides_apply_from_the_next_step():
     assert opt.param_groups[0]["lr"] == 4e-3  # and it stays: the constant schedule on the new lr
 
 
-def test_resume_refuses_a_changed_lr_then_applies_it_on_purpose(tmp_path, capsys):
+def test_resume_refuses_a_changed_lr_then_applies_it_on_purpose(tmp_path, capsys, monkeypatch):
     args = ["--device", "cpu", "--max-tokens", "256", "--max-length", "256", "--log-every", "1",
             "--lr", "5e-3", "--warmup", "0", "--schedule", "constant", "--save-every", "2",
             "--eval-every", "0", "--val-file", "", "--output-dir", str(tmp_path)]  # fmt: skip
     train(load_config([*args, "--max-steps", "2"]))
     refused = r"max_steps 2 -> 4, lr 0.005 -> 0.01; .* --resume-override max_steps,lr"
-    with pytest.raises(ConfigError, match=refused):
+    with monkeypatch.context() as m, pytest.raises(ConfigError, match=refused):
+        m.setattr(train_module, "load_model", lambda cfg: pytest.fail("refused only after loading the model"))
         train(load_config([*args, "--max-steps", "4", "--lr", "1e-2", "--resume", "auto"]))
     capsys.readouterr()
     override = ["--resume", "auto", "--resume-override", "max_steps,lr"]
