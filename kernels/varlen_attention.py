@@ -300,7 +300,7 @@ def select_backend(name: str | None = None) -> str:
             f"(argument or {ENV_VAR})"
         )
     if requested != "auto" and (reason := _unavailable_reason(requested)) is not None:
-        raise RuntimeError(
+        raise ValueError(
             f"attention backend {requested!r} was requested but {reason}; "
             f"install it or choose another backend (argument or {ENV_VAR}=auto)"
         )
@@ -323,7 +323,7 @@ def choose_backend(needs: AttentionNeeds, backend: str | None = None) -> str:
     if mode != "auto":
         reason = why_not(mode, needs)
         if reason is not None:
-            raise RuntimeError(
+            raise ValueError(
                 f"attention backend {mode!r} cannot run this layer ({needs.features()}, head dim "
                 f"{needs.head_dim}): {reason}; choose attn_backend auto (or {ENV_VAR}=auto)"
             )
