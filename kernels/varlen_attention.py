@@ -232,9 +232,10 @@ def _torch_varlen_lacks(needs: AttentionNeeds) -> list[str]:
 
 
 def _triton_lacks(needs: AttentionNeeds) -> list[str]:
+    lacks = [] if needs.head_dim <= 256 and needs.head_dim % 16 == 0 else [f"head dim {needs.head_dim}"]
+    lacks += ["a window without causal"] if needs.window is not None and not needs.causal else []
     if needs.device != "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
-        return []  # Triton's interpreter runs it on CPU (tests)
-    lacks = [] if needs.head_dim <= 256 else [f"head dim {needs.head_dim}"]
+        return lacks  # Triton's interpreter runs it on CPU (tests)
     return lacks + ([] if _capability(needs) >= (8, 0) else ["this GPU (needs sm80+)"])
 
 

@@ -320,6 +320,7 @@ def test_torch_varlen_with_gqa_support_is_used_for_gqa(monkeypatch):
         ("flash_attn_cute", dict(softcap=30.0), "softcap"),
         ("flash_attn_cute", dict(head_dim=80), "head dim 80"),
         ("torch_varlen", dict(softcap=30.0, sinks=True), "softcap, sinks"),
+        ("triton", dict(head_dim=72), "head dim 72"),
     ],
 )
 def test_forced_backend_without_a_feature_is_a_clear_error(monkeypatch, forced, needs, missing):

@@ -241,3 +241,14 @@ def test_forced_backend_that_cannot_run_is_one_line_at_start(capsys, monkeypatch
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "'flash_attn' cannot run this layer" in err and "fp16/bf16 CUDA" in err
+
+
+@pytest.mark.slow  # ~1 min each in Triton's interpreter
+@pytest.mark.parametrize("arch", ["gemma2", "gpt_oss"])
+def test_check_passes_with_the_triton_kernel(monkeypatch, arch):
+    """The project's Triton kernel (Triton's interpreter on CPU) on every feature of a real model."""
+    va = importlib.import_module("kernels.varlen_attention")
+    if va._unavailable_reason("triton") is not None:
+        pytest.skip(f"triton: {va._unavailable_reason('triton')}")
+    r = _check(monkeypatch, arch, "--attn-backend", "triton")
+    assert r["passed"], r
