@@ -232,9 +232,10 @@ def _torch_varlen_lacks(needs: AttentionNeeds) -> list[str]:
 
 
 def _triton_lacks(needs: AttentionNeeds) -> list[str]:
+    lacks = [] if needs.head_dim <= 256 and needs.head_dim % 16 == 0 else [f"head dim {needs.head_dim}"]
+    lacks += ["a window without causal"] if needs.window is not None and not needs.causal else []
     if needs.device != "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
-        return []  # Triton's interpreter runs it on CPU (tests)
-    lacks = [] if needs.head_dim <= 256 else [f"head dim {needs.head_dim}"]
+        return lacks  # Triton's interpreter runs it on CPU (tests)
     return lacks + ([] if _capability(needs) >= (8, 0) else ["this GPU (needs sm80+)"])
 
 
@@ -300,7 +301,7 @@ def select_backend(name: str | None = None) -> str:
             f"(argument or {ENV_VAR})"
         )
     if requested != "auto" and (reason := _unavailable_reason(requested)) is not None:
-        raise RuntimeError(
+        raise ValueError(
             f"attention backend {requested!r} was requested but {reason}; "
             f"install it or choose another backend (argument or {ENV_VAR}=auto)"
         )
@@ -323,7 +324,7 @@ def choose_backend(needs: AttentionNeeds, backend: str | None = None) -> str:
     if mode != "auto":
         reason = why_not(mode, needs)
         if reason is not None:
-            raise RuntimeError(
+            raise ValueError(
                 f"attention backend {mode!r} cannot run this layer ({needs.features()}, head dim "
                 f"{needs.head_dim}): {reason}; choose attn_backend auto (or {ENV_VAR}=auto)"
             )

@@ -27,7 +27,7 @@ class TrainConfig:
     trust_remote_code: bool = False  # run code the model repository ships (glm-4-9b-chat needs it)
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32": frozen weights and autocast
     device: str = "auto"  # "auto" (cuda if available), "cuda", "cuda:1" or "cpu"
-    attn_backend: str = "auto"  # varlen attention backend; "auto": the first available (trainer/model.py)
+    attn_backend: str = "auto"  # varlen attention backend; "auto": per layer, the fastest that supports it
     loss_backend: str = "fused"  # "fused": masked_linear_cross_entropy; "reference": plain torch, to compare
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     parallel: str = "ddp"  # under torchrun: "ddp" (a full copy per GPU) or "fsdp" (weights sharded, FSDP2)

@@ -241,7 +241,7 @@ def test_environment_variable_forces_backend(monkeypatch):
 def test_forced_unavailable_backend_is_a_clear_error(name):
     if va._unavailable_reason(name) is None:
         pytest.skip(f"{name} is available here")
-    with pytest.raises(RuntimeError, match=f"{name}' was requested but"):
+    with pytest.raises(ValueError, match=f"{name}' was requested but"):
         va.select_backend(name)
 
 
@@ -257,7 +257,7 @@ def test_forced_gpu_backend_on_cpu_tensors_is_a_clear_error():
     va._unavailable_cache["torch_varlen"] = None  # pretend it is installed with a GPU
     va.select_backend("torch_varlen")
     q, k, v, cu, max_len = _inputs([5, 3], 2, 2, 8, torch.float64)
-    with pytest.raises(RuntimeError, match="cannot run this layer .*needs fp16/bf16 CUDA tensors"):
+    with pytest.raises(ValueError, match="cannot run this layer .*needs fp16/bf16 CUDA tensors"):
         varlen_attention(q, k, v, cu, max_len)
 
 
@@ -320,12 +320,13 @@ def test_torch_varlen_with_gqa_support_is_used_for_gqa(monkeypatch):
         ("flash_attn_cute", dict(softcap=30.0), "softcap"),
         ("flash_attn_cute", dict(head_dim=80), "head dim 80"),
         ("torch_varlen", dict(softcap=30.0, sinks=True), "softcap, sinks"),
+        ("triton", dict(head_dim=72), "head dim 72"),
     ],
 )
 def test_forced_backend_without_a_feature_is_a_clear_error(monkeypatch, forced, needs, missing):
     _fake_gpu(monkeypatch, (forced,))
     va.select_backend(forced)
-    with pytest.raises(RuntimeError, match=f"{forced}' cannot run this layer .*does not support {missing}"):
+    with pytest.raises(ValueError, match=f"{forced}' cannot run this layer .*does not support {missing}"):
         va.choose_backend(_cuda_needs(**needs))
 
 
