@@ -293,7 +293,7 @@ def _config(kernel: str, block_d: int) -> tuple[int, int, int, int]:
 
     Chosen so that every spec compiles for sm_80 and sm_90 with no register spill (the fp32 accumulators,
     BLOCK x D / threads each, bound the tile: 8 warps past D = 128) and shared memory under sm_80's 163 KB
-    (16-bit k/v tiles BLOCK_N x D x stages plus the q/do tiles: at most 112 KB, the forward at D = 128).
+    (16-bit k/v tiles BLOCK_N x D x stages plus q/do and staging: at most 104 KB, the forward at D = 256).
     Under the interpreter the blocks are small and unequal, so that tests cross many block edges.
     """
     if _interpreting():

@@ -77,14 +77,14 @@ def test_reference_matches_plain_causal_reference():
 
 def test_reference_sink_gradient_is_the_design_formula():
     # DESIGN.md: dL/db_h = -sum_i exp(b_h - L_i) D_i with D_i = dO_i . O_i
-    lengths, (q, k, v, s) = [6, 3], _inputs([6, 3], 2, 1, 8, torch.float64, True)
+    lengths, (q, k, v, s) = [6, 3], _inputs([6, 3], 2, 1, 16, torch.float64, True)
     s = s.double().requires_grad_()
     out = flash_varlen_attention_ref(q, k, v, _cu(lengths), 6, sinks=s, window=4)
     dout = torch.randn_like(out)
     (dsink,) = torch.autograd.grad(out, s, dout)
     scores = []  # L_i recomputed by hand
     for a, b in [(0, 6), (6, 9)]:
-        x = torch.einsum("qhd,khd->hqk", q[a:b], k[a:b].expand(-1, 2, -1)) / 8**0.5
+        x = torch.einsum("qhd,khd->hqk", q[a:b], k[a:b].expand(-1, 2, -1)) / 16**0.5
         i, j = torch.arange(b - a)[:, None], torch.arange(b - a)[None, :]
         x = x.masked_fill(~((j <= i) & (j > i - 4)), float("-inf"))
         scores.append(torch.logaddexp(x.logsumexp(-1), s.detach()[:, None]))
