@@ -12,7 +12,9 @@ kernels, block sizes and the compile specs, the launchers, one autograd.Function
 and the plain-torch reference.
 
 The backward has no atomics: one kernel owns each key block (dk, dv, summed over the GQA group's query
-heads inside the program) and one owns each query block (dq). It is deterministic by construction.
+heads inside the program) and one owns each query block (dq); the dq kernel also stores D_i = dO_i·O_i
+for the other, and the sink gradient is one torch reduction over L_i and D_i. The backward is
+deterministic by construction.
 Every kernel loops only over the blocks that intersect the causal / window band; the mask is applied
 only on blocks that cross the band's edges or the end of the conversation.
 
