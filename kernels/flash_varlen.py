@@ -12,7 +12,9 @@ kernels, block sizes and the compile specs, the launchers, one autograd.Function
 and the plain-torch reference.
 
 The backward has no atomics: one kernel owns each key block (dk, dv, summed over the GQA group's query
-heads inside the program) and one owns each query block (dq). It is deterministic by construction.
+heads inside the program) and one owns each query block (dq); the dq kernel also stores D_i = dO_i·O_i
+for the other, and the sink gradient is one torch reduction over L_i and D_i. The backward is
+deterministic by construction.
 Every kernel loops only over the blocks that intersect the causal / window band; the mask is applied
 only on blocks that cross the band's edges or the end of the conversation.
 
@@ -285,14 +287,15 @@ def _interpreting() -> bool:
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return triton.next_power_of_2(head_dim)  # head_dim is a multiple of 16 (see _check)
 
 
 def _config(kernel: str, block_d: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a kernel at a padded head dim.
 
-    Chosen so that every spec compiles for sm_80 and sm_90 with no register spill and shared memory
-    under sm_80's 163 KB (fp16 tiles: q/do BLOCK_M x D and k/v BLOCK_N x D, times the pipeline stages).
+    Chosen so that every spec compiles for sm_80 and sm_90 with no register spill (the fp32 accumulators,
+    BLOCK x D / threads each, bound the tile: 8 warps past D = 128) and shared memory under sm_80's 163 KB
+    (16-bit k/v tiles BLOCK_N x D x stages plus q/do and staging: at most 104 KB, the forward at D = 256).
     Under the interpreter the blocks are small and unequal, so that tests cross many block edges.
     """
     if _interpreting():
@@ -337,14 +340,14 @@ def _signature(kernel: str, dtype: torch.dtype, constexprs: dict) -> dict[str, s
 def compile_specs() -> list[dict]:
     """Every specialisation the launchers can pick on a GPU, for the compile test.
 
-    Per kernel: dtype (bf16, fp16) x padded head dim (16..256, exact or padded) x SOFTCAP. Causal, window
-    and sinks are runtime arguments, so they add no specialisation.
+    Per kernel: dtype (bf16, fp16) x padded head dim (16, 32, 64, 128, 256; the last three also padded from
+    48, 80..112, 144..240) x SOFTCAP. Causal, window and sinks are runtime arguments: no specialisation.
     """
     specs = []
     for kernel, fn in _KERNELS.items():
         for dtype in (torch.bfloat16, torch.float16):
             for block_d in (16, 32, 64, 128, 256):
-                for even_d in (True, False):
+                for even_d in (True, False) if block_d > 32 else (True,):  # D is a multiple of 16
                     for softcap in (False, True):
                         block_m, block_n, warps, stages = _config(kernel, block_d)
                         constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
@@ -476,8 +479,10 @@ def _check(q, k, v, cu_seqlens, max_seqlen, causal, window, softcap, sinks, dtyp
         raise ValueError(f"q has {hq} heads, not a multiple of k's {hkv} (GQA needs Hq % Hkv == 0)")
     if q.dtype not in dtypes or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one dtype of {dtypes}; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if d > 256 or d % (16 // q.element_size()):
-        raise ValueError(f"head dim {d} unsupported: at most 256 and a multiple of {16 // q.element_size()}")
+    if d > 256 or d % 16 or d == 0:
+        raise ValueError(
+            f"head dim {d} unsupported: a multiple of 16 up to 256 (64, 80, 96, 128, 192, 256...)"
+        )
     if q.is_cuda and q.dtype == torch.float32 and dtypes == _DTYPES:
         raise ValueError("fp32 attention runs only under the Triton interpreter; use bf16 or fp16 on a GPU")
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.shape[0] < 2:
@@ -511,7 +516,7 @@ def flash_varlen_attention(
     """Attention inside each packed sequence, in Triton; differentiable in q, k, v and sinks.
 
     Args:
-        q: [T, Hq, D] bf16/fp16 (fp32 under the Triton interpreter only), D <= 256.
+        q: [T, Hq, D] bf16/fp16 (fp32 under the Triton interpreter only), D a multiple of 16 up to 256.
         k, v: [T, Hkv, D], same dtype; Hq % Hkv == 0 (GQA/MQA).
         cu_seqlens: [N + 1] int32 on q's device, sequence boundaries; cu_seqlens[-1] must be T.
         max_seqlen: Python int >= the longest sequence (sizes the grid; never read from the device).
