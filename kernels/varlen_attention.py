@@ -234,6 +234,8 @@ def _torch_varlen_lacks(needs: AttentionNeeds) -> list[str]:
 def _triton_lacks(needs: AttentionNeeds) -> list[str]:
     lacks = [] if needs.head_dim <= 256 and needs.head_dim % 16 == 0 else [f"head dim {needs.head_dim}"]
     lacks += ["a window without causal"] if needs.window is not None and not needs.causal else []
+    if needs.device == "cuda" and needs.dtype not in (torch.bfloat16, torch.float16):
+        lacks.append(f"{str(needs.dtype).removeprefix('torch.')} (compiled for bf16 and fp16 only)")
     if needs.device != "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
         return lacks  # Triton's interpreter runs it on CPU (tests)
     return lacks + ([] if _capability(needs) >= (8, 0) else ["this GPU (needs sm80+)"])
