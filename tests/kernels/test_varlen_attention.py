@@ -292,6 +292,7 @@ def _cuda_needs(**kw):
         (("torch_varlen",), dict(gqa=True), "reference"),
         (("torch_varlen", "triton"), dict(), "torch_varlen"),
         ((), dict(window=8, sinks=True), "reference"),
+        (("triton",), dict(dtype=torch.float32), "reference"),  # the kernel is compiled for bf16/fp16
     ],
 )
 def test_auto_picks_the_first_backend_supporting_the_layer(monkeypatch, installed, needs, expected):
