@@ -487,6 +487,9 @@ def load_checkpoint(run: Run, path: Path) -> None:
             f"resume: {path} was made with {saved_world} processes, this run has {run.world.size}; "
             "use the same number of processes or start a fresh output_dir"
         )
+    if not (path / f"rng-rank{run.world.rank}.pt").is_file():
+        raise TrainingError(f"resume: {path} has no rng-rank{run.world.rank}.pt (made by an older version of "
+                            "the trainer, or incomplete); start a fresh output_dir")  # fmt: skip
     run.strategy.load_state(run.model, run.optimizer, path)
     run.scheduler.load_state_dict(load_cpu(path / "scheduler.pt")["scheduler"])
     set_rng_state(load_cpu(path / f"rng-rank{run.world.rank}.pt"), run.device)

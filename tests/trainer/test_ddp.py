@@ -269,6 +269,7 @@ def _compare_step(model, head, rows, ranks: list[dict], parallel: str) -> None:
             assert torch.equal(ranks[0][case][2][name], ranks[1][case][2][name])
 
 
+@pytest.mark.slow  # two more launches, the second as 2 nodes (~60 s on 2 busy CPU cores)
 def test_fsdp_resumes_after_kill_9_on_two_nodes(runs):
     """kill -9 of an FSDP run mid-way, then --resume auto with its 2 processes started as 2 "nodes"
     (torchrun's c10d rendezvous on the loopback): the logged losses are those of the uninterrupted run."""
