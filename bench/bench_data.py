@@ -192,14 +192,21 @@ def main() -> None:
             f"{estimate:>10.2f}x"
         )
     if args.turns_n:
-        print(f"\nsame total size, more turns (one process, {args.turns_n} conversations of ~2000 words):")
+        print(f"\nsame total size, more turns ({args.turns_n} conversations of ~2000 words, one process, tokens/CPU-s):")
         for name in names:
             row = []
             for turns in (2, 8, 32):
                 recs = conversations(args.turns_n, words=2000, turns=turns, seed=1)
                 p = write(recs, work / f"turns{turns}.jsonl")
-                s, first, _ = ours(toks[name], p, work / "cache", 1, TEMPLATE.get(name, "chat_template"))
-                row.append(f"{turns:>2} turns {s.tokens / first / 1e3:>6.0f}k tok/s")
+                c0 = cpu_seconds()
+                s, first, cached = ours(toks[name], p, work / "cache", 1, TEMPLATE.get(name, "chat_template"))
+                c1 = cpu_seconds()
+                n_plain, _ = plain_loop(toks[name], recs)
+                c2 = cpu_seconds()
+                row.append(
+                    f"{turns:>2} turns: ours {s.tokens / (c1 - c0 - cached) / 1e3:>4.0f}k, "
+                    f"loop {n_plain / (c2 - c1) / 1e3:>4.0f}k"
+                )
             print(f"{name:14} " + "   ".join(row))
 
     import tokenizers

@@ -472,13 +472,19 @@ class ChatTemplate:
         """(start, end, ends with a marker) of each trained assistant message, in characters."""
         _, forms = self.header(conv.kwargs)
         located = self._locate(text, conv, flags, forms)
+        # Per message, where the next located message starts and the previous one ends (one pass each).
+        nxt, prev, n = [len(text)] * len(located), [0] * len(located), len(located)
+        for i in range(n - 2, -1, -1):
+            nxt[i] = located[i + 1][1] if located[i + 1][1] >= 0 else nxt[i + 1]
+        for i in range(1, n):
+            prev[i] = located[i - 1][2] if located[i - 1][1] >= 0 else prev[i - 1]
         spans = []
         for i, (start, first, last) in enumerate(located):
             if not flags[i]:
                 continue
-            hi = min((f for _, f, _ in located[i + 1 :] if f >= 0), default=len(text))
+            hi = nxt[i]
             if first < 0:  # an empty (or blank) answer: only the turn itself to find
-                lo = max((e for _, f, e in located[:i] if f >= 0), default=0)
+                lo = prev[i]
                 header = self._header(text, lo, hi, forms)
                 if header is None:
                     continue  # the template renders nothing for it (GLM-4): nothing to learn
