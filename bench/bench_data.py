@@ -192,7 +192,8 @@ def main() -> None:
             f"{estimate:>10.2f}x"
         )
     if args.turns_n:
-        print(f"\nsame total size, more turns ({args.turns_n} conversations of ~2000 words, one process, tokens/CPU-s):")
+        size = f"{args.turns_n} conversations of ~2000 words"
+        print(f"\nsame total size, more turns ({size}; one process; tokens/CPU-s):")
         for name in names:
             row = []
             for turns in (2, 8, 32):
