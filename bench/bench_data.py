@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tokenizers", default="tekken,sentencepiece,demo")
     parser.add_argument("--turns-n", type=int, default=400, help="conversations per turn count (0: skip)")
+    parser.add_argument("--passes", type=int, default=2, help="alternating passes; the best of each is shown")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
@@ -168,22 +169,29 @@ def main() -> None:
     if "demo" in names:
         toks["demo"] = load_tokenizer("demo")  # its own GLM-4 template and rule (template: glm4)
     print(f"{args.n} conversations, {path.stat().st_size / 1e6:.1f} MB; {args.workers} workers\n")
-    print("tokens/s: wall clock; tokens/CPU-s: per CPU second, all processes (what a busy machine")
+    print(f"best of {args.passes} alternating passes. tokens/s: wall clock; tokens/CPU-s: per CPU second,")
+    print("all processes (what a busy machine")
     print("distorts least). 2-core estimate: ours at its tokens/CPU-s on both cores, the loop on one.\n")
     head = f"{'tokenizer':14} {'tokens':>10} {'plain loop':>12} {'ours':>12} {'speed-up':>9} {'cached':>8}"
     print(f"{head}   {'loop/CPU-s':>11} {'ours/CPU-s':>11} {'2-core est.':>11}")
     for name in names:
         tok = toks[name]
-        c0 = cpu_seconds()
         template = TEMPLATE.get(name, "chat_template")
-        summary, first, cached = ours(tok, path, work / "cache", args.workers, template)
-        c1 = cpu_seconds()
-        n_plain, plain_s = plain_loop(tok, records)
-        c2 = cpu_seconds()
-        if template == "chat_template":  # the same rendering: the same tokens (+ an appended eos at most)
-            assert summary.tokens >= n_plain * 0.99, (summary.tokens, n_plain)
-        plain_tps, ours_tps = n_plain / plain_s, summary.tokens / first
-        plain_cpu, ours_cpu = n_plain / (c2 - c1), summary.tokens / (c1 - c0 - cached)
+        best = {"ours": (0.0, 0.0), "loop": (0.0, 0.0)}  # (tokens/s, tokens/CPU-s), best of the passes
+        for _ in range(args.passes):  # providers alternate, so both meet the same machine
+            c0 = cpu_seconds()
+            summary, first, cached = ours(tok, path, work / "cache", args.workers, template)
+            c1 = cpu_seconds()
+            n_plain, plain_s = plain_loop(tok, records)
+            c2 = cpu_seconds()
+            if template == "chat_template":  # the same rendering: the same tokens (+ an eos at most)
+                assert summary.tokens >= n_plain * 0.99, (summary.tokens, n_plain)
+            run = {
+                "ours": (summary.tokens / first, summary.tokens / (c1 - c0 - cached)),
+                "loop": (n_plain / plain_s, n_plain / (c2 - c1)),
+            }
+            best = {k: (max(best[k][0], run[k][0]), max(best[k][1], run[k][1])) for k in best}
+        (ours_tps, ours_cpu), (plain_tps, plain_cpu) = best["ours"], best["loop"]
         estimate = min(args.workers, os.cpu_count() or 1) * ours_cpu / plain_cpu
         print(
             f"{name:14} {summary.tokens:>10,} {plain_tps / 1e3:>9.0f}k/s {ours_tps / 1e3:>9.0f}k/s "
@@ -192,14 +200,22 @@ def main() -> None:
             f"{estimate:>10.2f}x"
         )
     if args.turns_n:
-        print(f"\nsame total size, more turns (one process, {args.turns_n} conversations of ~2000 words):")
+        size = f"{args.turns_n} conversations of ~2000 words"
+        print(f"\nsame total size, more turns ({size}; one process; tokens/CPU-s):")
         for name in names:
             row = []
             for turns in (2, 8, 32):
                 recs = conversations(args.turns_n, words=2000, turns=turns, seed=1)
                 p = write(recs, work / f"turns{turns}.jsonl")
-                s, first, _ = ours(toks[name], p, work / "cache", 1, TEMPLATE.get(name, "chat_template"))
-                row.append(f"{turns:>2} turns {s.tokens / first / 1e3:>6.0f}k tok/s")
+                c0 = cpu_seconds()
+                s, first, cached = ours(toks[name], p, work / "cache", 1, TEMPLATE.get(name, "chat_template"))
+                c1 = cpu_seconds()
+                n_plain, _ = plain_loop(toks[name], recs)
+                c2 = cpu_seconds()
+                row.append(
+                    f"{turns:>2} turns: ours {s.tokens / (c1 - c0 - cached) / 1e3:>4.0f}k, "
+                    f"loop {n_plain / (c2 - c1) / 1e3:>4.0f}k"
+                )
             print(f"{name:14} " + "   ".join(row))
 
     import tokenizers

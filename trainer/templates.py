@@ -39,6 +39,7 @@ END_MARKERS = (
 )  # fmt: skip
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _PROBE_USER = "Tell me 0x51f3."
+_PROBE_ANSWER = "It is 20979."
 
 
 class Unexpressible(Exception):
@@ -394,8 +395,24 @@ class ChatTemplate:
                 forms.append(form)
         if not forms and hdr.strip():
             forms = [hdr]
+        if not hdr.strip():
+            forms = self._probe_gap(user, kwargs)
         self._headers[key] = hit = (hdr, forms)
         return hit
+
+    def _probe_gap(self, user: list[dict], kwargs: dict) -> list[str]:
+        """For a template with no generation prompt (Mistral's ``[/INST]``, Phi-4's first template,
+        whose user turn writes the assistant header): what it writes between a user's text and the
+        assistant's, when that ends with an added token."""
+        probe = [*user, {"role": "assistant", "content": _PROBE_ANSWER}]
+        try:
+            text = render(self.tokenizer, probe, kwargs=kwargs)
+        except Exception:
+            return []
+        start, end = text.find(_PROBE_USER), text.find(_PROBE_ANSWER)
+        gap = text[start + len(_PROBE_USER) : end] if 0 <= start < end else ""
+        tail = list(self.added_re.finditer(gap))
+        return [gap] if gap.strip() and tail and tail[-1].end() == len(gap) else []
 
     # -- locating each message in the rendering ----------------------------------------------------
 
@@ -410,7 +427,7 @@ class ChatTemplate:
             ]
         return [content.strip()] if content.strip() else []
 
-    def _locate(self, text: str, conv: Conversation, flags, forms: list[str]) -> list[tuple[int, int, int]]:
+    def _locate(self, text: str, conv: Conversation, flags, header) -> list[tuple[int, int, int]]:
         """Per message: (end of its assistant header, start of its first anchor, end of its last);
         -1 where there is none. Anchors are searched in order, an assistant's after its header and
         its reasoning (when the template keeps it); a trained message whose anchors are missing is
@@ -420,7 +437,7 @@ class ChatTemplate:
             anchors = self._anchors(m) if m["role"] != "system" else []  # templates move system text
             start, first, p = -1, -1, pos
             if m["role"] == "assistant" and anchors:
-                start = self._assistant_start(text, pos, anchors[0], forms)
+                start = self._assistant_start(text, pos, anchors[0], header)
                 if start < 0 and flags[i]:
                     raise Unexpressible(f"message {i + 1}: the rendering has no assistant header for it")
                 p = max(start, pos)
@@ -443,14 +460,21 @@ class ChatTemplate:
                 pos = p
         return out
 
-    def _assistant_start(self, text: str, pos: int, anchor: str, forms: list[str]) -> int:
-        """Where an assistant message's turn starts: after its header; where the template writes
-        none before its first anchor (DeepSeek after tool results), right after the added token
-        that closes the previous turn."""
+    def _assistant_start(self, text: str, pos: int, anchor: str, header: tuple[str, list[str]]) -> int:
+        """Where an assistant message's turn starts: after its header (found before its first
+        anchor). Without one there: for a template with no generation prompt, after the added token
+        that closes the previous turn (Mistral's ``[/TOOL_RESULTS]``); else after the added token
+        right before the anchor (DeepSeek after tool results)."""
+        prompt, forms = header
         j = text.find(anchor, pos)
-        header = self._header(text, pos, len(text), forms)
-        if j < 0 or header is not None and header[0] <= j:
-            return header[1] if header is not None else -1
+        found = self._header(text, pos, j if j >= 0 else len(text), forms)
+        if found is not None:
+            return found[1]
+        if j < 0:
+            return -1
+        if not prompt.strip():
+            m = self.added_re.search(text, pos, j)
+            return m.end() if m else pos
         found = list(self.added_re.finditer(text, pos, j))
         if not found or text[found[-1].end() : j].strip():
             return -1  # text between them that is no header we know (a role name?): refuse
@@ -458,11 +482,9 @@ class ChatTemplate:
 
     def _header(self, text: str, lo: int, hi: int, forms: list[str]) -> tuple[int, int] | None:
         """(start, end) of the assistant header in text[lo:hi]: the earliest place the shortest
-        form occurs, extended by the longest form that matches there. With no header (Mistral),
-        the first added token there (the previous turn's closing, e.g. ``[/INST]``)."""
+        form occurs, extended by the longest form that matches there."""
         if not forms:
-            m = self.added_re.search(text, lo, hi)
-            return (m.start(), m.end()) if m else (lo, lo)
+            return None
         j = text.find(forms[-1], lo, hi)
         if j < 0:
             return None
@@ -470,15 +492,22 @@ class ChatTemplate:
 
     def _assistant_spans(self, text, conv, flags) -> list[tuple[int, int, bool]]:
         """(start, end, ends with a marker) of each trained assistant message, in characters."""
-        _, forms = self.header(conv.kwargs)
-        located = self._locate(text, conv, flags, forms)
+        header = self.header(conv.kwargs)
+        forms = header[1]
+        located = self._locate(text, conv, flags, header)
+        # Per message, where the next located message starts and the previous one ends (one pass each).
+        nxt, prev, n = [len(text)] * len(located), [0] * len(located), len(located)
+        for i in range(n - 2, -1, -1):
+            nxt[i] = located[i + 1][1] if located[i + 1][1] >= 0 else nxt[i + 1]
+        for i in range(1, n):
+            prev[i] = located[i - 1][2] if located[i - 1][1] >= 0 else prev[i - 1]
         spans = []
         for i, (start, first, last) in enumerate(located):
             if not flags[i]:
                 continue
-            hi = min((f for _, f, _ in located[i + 1 :] if f >= 0), default=len(text))
+            hi = nxt[i]
             if first < 0:  # an empty (or blank) answer: only the turn itself to find
-                lo = max((e for _, f, e in located[:i] if f >= 0), default=0)
+                lo = prev[i]
                 header = self._header(text, lo, hi, forms)
                 if header is None:
                     continue  # the template renders nothing for it (GLM-4): nothing to learn
@@ -501,7 +530,7 @@ class ChatTemplate:
         if len(indices) == len(assistants):
             owners = assistants
         else:
-            located = self._locate(text, conv, flags, self.header(conv.kwargs)[1])
+            located = self._locate(text, conv, flags, self.header(conv.kwargs))
             owners = [
                 next((i for i in assistants if located[i][1] >= start and located[i][2] <= end), None)
                 for start, end in indices

@@ -50,6 +50,7 @@ _TURN = {
     "mistral": r"\[/(?:INST|TOOL_RESULTS)\](?!\[TOOL_RESULTS\])(.*?</s>)",
     "gemma": r"<start_of_turn>model\n(.*?<end_of_turn>)",
     "phi3": r"<\|assistant\|>\n(.*?<\|end\|>)",
+    "phi4": r"<\|im_start\|>assistant<\|im_sep\|>(.*?<\|im_end\|>)",
     "gptoss": r"<\|start\|>assistant((?:<\|channel\|>analysis<\|message\|>.*?<\|end\|><\|start\|>assistant)?"
     r".*?<\|(?:end|return|call)\|>)",
     "glm": r"<\|assistant\|>(.*?(?:<\|user\|>|<\|observation\|>|$))",
@@ -102,6 +103,13 @@ FAMILIES = {
         ["<|assistant|>", "<|end|>"],
         None,
         "<|endoftext|>",
+    ),
+    "phi4": (
+        "microsoft-phi-4.jinja",
+        "phi4",
+        ["<|im_start|>", "<|im_sep|>", "<|im_end|>"],
+        None,
+        "<|im_end|>",
     ),
     "gpt-oss": ("openai-gpt-oss-120b.jinja", "gptoss", _GPTOSS, None, "<|return|>"),
     "glm4.5": ("trl-glm4moe.jinja", "glm", _GLM, None, "<|endoftext|>"),
@@ -234,6 +242,8 @@ REFUSED = {
     ("llama3.3", "parallel_calls"): "single tool-calls",
     ("phi3.5", "tool_call"): "does not render 'get_weather'",
     ("phi3.5", "parallel_calls"): "does not render 'get_weather'",
+    ("phi4", "tool_call"): "does not render 'get_weather'",
+    ("phi4", "parallel_calls"): "does not render 'get_weather'",
     ("smollm3", "tool_call"): "does not render 'get_weather'",
     ("smollm3", "parallel_calls"): "does not render 'get_weather'",
     ("gpt-oss", "parallel_calls"): "does not render 'get_time'",  # one call per message in harmony
