@@ -83,7 +83,7 @@ def providers() -> dict:
         for name, make in (("liger", _liger), ("cce", _cce)):
             try:
                 out[name] = make()
-            except ImportError:
+            except Exception:  # not installed, or an install that fails to import: no such provider
                 pass
     return out
 
