@@ -92,8 +92,10 @@ def describe(spec: dict) -> str:
     """A short config string: the constexprs that are on or numeric, dtypes of pointers, warps/stages."""
     flags = [k if v is True else f"{k}={v}" for k, v in spec["constexprs"].items() if v is not False]
     ptrs = sorted({t[1:] for t in spec["signature"].values() if t.startswith("*")})
-    aligned = "aligned" if spec.get("attrs") else "unaligned"
-    return f"{' '.join(flags)} [{','.join(ptrs)}] w{spec['num_warps']}s{spec['num_stages']} {aligned}"
+    # flash_varlen's specs carry no attrs: its kernels state their alignment themselves
+    aligned = ("aligned" if spec["attrs"] else "unaligned") if "attrs" in spec else ""
+    launch = f"w{spec['num_warps']}s{spec['num_stages']}"
+    return f"{' '.join(flags)} [{','.join(ptrs)}] {launch} {aligned}".rstrip()
 
 
 def compile_spec(spec: dict, capability: int) -> dict:
@@ -109,6 +111,11 @@ def compile_spec(spec: dict, capability: int) -> dict:
     usage = resource_usage(compiled.asm["cubin"])
     usage["shared"] = max(usage.get("shared", 0), int(compiled.metadata.shared))
     return usage
+
+
+def kernel_of(spec: dict) -> str:
+    """The ``@triton.jit`` function a spec compiles (its ``name`` may name the variant instead)."""
+    return spec["fn"].fn.__name__
 
 
 def run(modules: dict[str, list[str]], *, everything: bool, targets=None, on_row=None) -> list[dict]:
@@ -127,17 +134,19 @@ def run(modules: dict[str, list[str]], *, everything: bool, targets=None, on_row
                 continue
             raise
         specs = module.compile_specs() if hasattr(module, "compile_specs") else []
-        named = {s["name"] for s in specs}
+        named = {kernel_of(s) for s in specs}
         for kernel in kernels:
             if kernel not in named:
                 rows.append(dict(module=module_name, kernel=kernel, error="no compile_specs() entry"))
         seen = set()
         for spec in specs:
-            if not everything and spec["name"] in seen:
+            if not everything and kernel_of(spec) in seen:
                 continue
-            seen.add(spec["name"])
+            seen.add(kernel_of(spec))
             for cc in targets:
-                row = dict(module=module_name, kernel=spec["name"], config=describe(spec), target=f"sm_{cc}")
+                row = dict(
+                    module=module_name, kernel=kernel_of(spec), config=describe(spec), target=f"sm_{cc}"
+                )
                 try:
                     row.update(compile_spec(spec, cc))
                 except Exception as e:  # reported per row, so that one failure does not hide the others

@@ -59,7 +59,7 @@ def test_every_kernel_has_compile_specs():
     for module_name, kernels in found.items():
         module = __import__(module_name, fromlist=["compile_specs"])
         assert hasattr(module, "compile_specs"), f"{module_name} has Triton kernels but no compile_specs()"
-        named = {s["name"] for s in module.compile_specs()}
+        named = {gpu_compile.kernel_of(s) for s in module.compile_specs()}
         missing = set(kernels) - named
         assert not missing, f"{module_name}: kernels without compile_specs() entries: {sorted(missing)}"
 
@@ -125,7 +125,7 @@ def test_masked_ce_launches_are_in_compile_specs(monkeypatch):
 
     monkeypatch.setattr(mc, "_ce_rows_kernel", Recording())
     gen = torch.Generator().manual_seed(0)
-    for V in (50, 8200):
+    for V in (50, 8200, 8208):  # 8200 is not 16-divisible: the narrow block (see _row_config)
         for dtype in (torch.float32, torch.bfloat16):
             for opts in ({}, {"softcap": 5.0, "label_smoothing": 0.1}):
                 h = torch.randn(3, 8, generator=gen).to(dtype).requires_grad_()
