@@ -14,7 +14,8 @@ from trainer.train import lr_lambda, train
 # The settings that may change silently. Any other key, including one added later, is compared.
 NEVER_CHANGE_THE_WEIGHTS = {"device", "attn_backend", "loss_backend", "gradient_checkpointing", "val_file",
                             "log_every", "eval_every", "patience", "save_every", "save_merged", "output_dir",
-                            "resume", "resume_override", "report_to", "max_bad_steps"}  # fmt: skip
+                            "resume", "resume_override", "report_to", "max_bad_steps", "eval_generate",
+                            "eval_max_new_tokens", "metric_for_best"}  # fmt: skip
 
 
 def test_every_other_setting_is_compared():
@@ -91,7 +92,7 @@ def test_resume_refuses_a_changed_lr_then_applies_it_on_purpose(tmp_path, capsys
     train(load_config([*args, "--max-steps", "2"]))
     refused = r"max_steps 2 -> 4, lr 0.005 -> 0.01; .* --resume-override max_steps,lr"
     with monkeypatch.context() as m, pytest.raises(ConfigError, match=refused):
-        m.setattr(train_module, "load_model", lambda cfg: pytest.fail("refused only after loading the model"))
+        m.setattr(train_module, "prepare_model", lambda *a, **k: pytest.fail("refused after loading"))
         train(load_config([*args, "--max-steps", "4", "--lr", "1e-2", "--resume", "auto"]))
     capsys.readouterr()
     override = ["--resume", "auto", "--resume-override", "max_steps,lr"]
