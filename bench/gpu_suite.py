@@ -611,9 +611,108 @@ def training_run(report, device, tiny, quick):
         report.note(s, "losses: " + " ".join(f"{x:.3f}" for x in losses))
 
 
+def strategies(report, device, tiny, quick):
+    """An FSDP2 step and a QLoRA step through the trainer's own code. One GPU, so FSDP runs as one rank
+    (a one-process group): the sharding path (fully_shard per layer, the head read inside unshard, fp32
+    gradient reduction) against the plain step on the same model and row."""
+    import bench_train
+    import torch.distributed as dist
+
+    from kernels import masked_linear_cross_entropy
+    from trainer.distributed import World
+    from trainer.parallel import FullySharded, Single
+    from trainer.train import LiveHead, parallel_step
+
+    loss_fn = partial(masked_linear_cross_entropy, assume_valid=True)
+    steps = 3 if tiny else 5
+    with report.section(f"FSDP2 step (one rank) against the single-process step, {steps} steps") as s:
+        shape, layers = ("tiny", None) if tiny else ("qwen2.5-1.5b", 4)
+        bench = bench_train.Bench(shape, device, num_layers=layers, conversations=None if tiny else 32)
+        batch = bench.batches["ours"][0]
+        base = bench.model.get_base_model()
+        head_module, softcap = base.get_output_embeddings(), bench.head[2]
+        single = Single()
+        want, _ = parallel_step(bench.model, [batch], LiveHead(head_module, softcap, single), loss_fn, device,
+                                bench.autocast, single)  # fmt: skip
+        bench.model.zero_grad(set_to_none=True)
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            address = f"tcp://127.0.0.1:{_free_port()}"
+            dist.init_process_group(backend, init_method=address, rank=0, world_size=1)
+        try:
+            strategy = FullySharded(World(), compute_dtype=bench.dtype)
+            model = strategy.wrap(bench.model)
+            head = LiveHead(head_module, softcap, strategy)
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=1e-3)
+            losses = []
+
+            def step():
+                loss, _ = parallel_step(model, [batch], head, loss_fn, device, bench.autocast, strategy)
+                strategy.grad_norm(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
+
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            # the CPU peak tracker cannot follow FSDP's DTensor storages: peak memory on CUDA only
+            m = dict(ms=time_ms(step, device, warmup=1, reps=steps - 1))
+            if device.type == "cuda":
+                m["peak_MiB"] = torch.cuda.max_memory_allocated(device) / 2**20
+            values = [float(x) for x in torch.stack(losses).tolist()]
+            err = abs(values[0] - float(want)) / max(abs(float(want)), 1e-30)
+            report.row(s, first_loss_fsdp=values[0], loss_single=float(want), rel_diff=err,
+                       last_loss=values[-1], step_ms=m["ms"], peak_MiB=m.get("peak_MiB", float("nan")),
+                       **{"pass": err <= (2e-2 if bench.dtype != torch.float32 else 1e-4)
+                          and all(map(math.isfinite, values))})  # fmt: skip
+        finally:
+            dist.destroy_process_group()
+    with report.section("QLoRA step (NF4 base, demo model, the trainer's setup)") as s:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            report.note(s, f"skipped: bitsandbytes is not importable ({e})")
+            return
+        import tempfile
+
+        from trainer.config import load_config
+        from trainer.distributed import ONE_PROCESS
+        from trainer.train import next_steps, setup, train_step
+
+        losses = {}
+        for quantize in ("none", "nf4"):
+            with tempfile.TemporaryDirectory() as out:
+                cfg = load_config(["--device", device.type, "--quantize", quantize, "--max-steps", str(steps),
+                                   "--val-file", "", "--output-dir", out])  # fmt: skip
+                run = setup(cfg, ONE_PROCESS)
+                got = []
+                for rows in next_steps(run):
+                    from trainer.packing import collate_packed
+
+                    loss, _, _ = train_step(run, [collate_packed(run.train_data, r) for r in rows], False)
+                    run.state["step"] += 1
+                    run.state["row"] += len(rows)
+                    got.append(loss.detach())
+                losses[quantize] = [float(x) for x in torch.stack(got).tolist()]
+        first = abs(losses["nf4"][0] - losses["none"][0]) / abs(losses["none"][0])
+        ok = all(map(math.isfinite, losses["nf4"])) and first < 0.1
+        report.row(s, loss_unquantized=losses["none"][-1], loss_nf4=losses["nf4"][-1],
+                   first_step_rel_diff=first, **{"pass": ok})  # fmt: skip
+        report.note(s, "NF4 rounds each weight by ~9% of its norm: the first losses differ a little")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 # ------------------------------------------------------------------------------------------------- main
 
-SECTIONS = ("environment", "correctness", "sync", "masked_ce", "attention", "e2e", "train")
+SECTIONS = ("environment", "correctness", "sync", "masked_ce", "attention", "e2e", "train", "strategies")
 
 
 def main(argv=None) -> int:
@@ -639,6 +738,7 @@ def main(argv=None) -> int:
         "attention": lambda: attention(report, device, args.tiny, args.quick),
         "e2e": lambda: end_to_end(report, device, args.tiny, args.quick),
         "train": lambda: training_run(report, device, args.tiny, args.quick),
+        "strategies": lambda: strategies(report, device, args.tiny, args.quick),
     }
     for name in SECTIONS:
         if name in args.only:
