@@ -26,7 +26,8 @@ def test_gpu_suite_tiny_dry_run(tmp_path):
     assert res.returncode == 0, (status, res.stdout[-3000:], res.stderr[-3000:])
     names = " | ".join(status)
     expected = ("environment", "correctness: masked CE", "correctness: attention", "sync-free",
-                "masked CE fwd+bwd", "attention fwd+bwd", "LoRA step", "short training run")  # fmt: skip
+                "masked CE fwd+bwd", "attention fwd+bwd", "LoRA step", "short training run", "FSDP2 step",
+                "QLoRA step")  # fmt: skip
     for part in expected:
         assert part in names, names
     assert all(s["status"] == "ok" for s in sections), status
