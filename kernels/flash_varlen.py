@@ -290,16 +290,35 @@ def _block_d(head_dim: int) -> int:
     return triton.next_power_of_2(head_dim)  # head_dim is a multiple of 16 (see _check)
 
 
-def _config(kernel: str, block_d: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a kernel at a padded head dim.
+# sm_100 allots these kernels 128 registers a thread: two head-dim-64 configurations that fit sm_80/sm_90
+# spilled 8 bytes there (full compile sweep), so sm_100 gets its own for them.
+_SM100 = {("fwd", 64): (128, 32, 8, 3), ("dkdv", 64): (32, 32, 4, 1)}
 
-    Chosen so that every spec compiles for sm_80 and sm_90 with no register spill (the fp32 accumulators,
-    BLOCK x D / threads each, bound the tile: 8 warps past D = 128) and shared memory under sm_80's 163 KB
-    (16-bit k/v tiles BLOCK_N x D x stages plus q/do and staging: at most 104 KB, the forward at D = 256).
-    Under the interpreter the blocks are small and unequal, so that tests cross many block edges.
-    """
+
+def _arch(t: torch.Tensor) -> int:
+    """The major compute capability of ``t``'s GPU (a cached host query, no sync); 9 off CUDA."""
+    return torch.cuda.get_device_capability(t.device)[0] if t.is_cuda else 9
+
+
+def _config(kernel: str, block_d: int, arch: int = 9) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher uses: :func:`_gpu_config` on a GPU of
+    compute capability ``arch``; under the interpreter small, unequal blocks, so that tests cross many
+    block edges."""
     if _interpreting():
         return {"fwd": (32, 16, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1)}[kernel]
+    return _gpu_config(kernel, block_d, arch)
+
+
+def _gpu_config(kernel: str, block_d: int, arch: int = 9) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a kernel at a padded head dim on a GPU.
+
+    Chosen so that every spec compiles for sm_80, sm_90 and sm_100 with no register spill (the fp32
+    accumulators, BLOCK x D / threads each, bound the tile: 8 warps past D = 128) and shared memory under
+    sm_80's 163 KB (16-bit k/v tiles BLOCK_N x D x stages plus q/do and staging: at most 104 KB, the
+    forward at D = 256).
+    """
+    if arch >= 10 and (kernel, block_d) in _SM100:
+        return _SM100[(kernel, block_d)]
     small = {"fwd": (128, 64, 8, 3), "dq": (64, 32, 4, 2), "dkdv": (32, 32, 4, 2)}[kernel]
     table = {
         "fwd": {128: (128, 64, 8, 2), 256: (64, 64, 8, 2)},
@@ -349,16 +368,20 @@ def compile_specs() -> list[dict]:
             for block_d in (16, 32, 64, 128, 256):
                 for even_d in (True, False) if block_d > 32 else (True,):  # D is a multiple of 16
                     for softcap in (False, True):
-                        block_m, block_n, warps, stages = _config(kernel, block_d)
-                        constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
-                                      "EVEN_D": even_d, "SOFTCAP": softcap, "DOT_DTYPE": _TL_DTYPES[dtype]}  # fmt: skip
-                        sig = _signature(kernel, dtype, constexprs)
-                        specs.append({
-                            "name": f"{kernel}_{_TL_NAMES[dtype]}_d{block_d}{'' if even_d else 'pad'}"
-                                    f"{'_softcap' if softcap else ''}",
-                            "fn": fn, "signature": sig, "constexprs": constexprs,
-                            "num_warps": warps, "num_stages": stages,
-                        })  # fmt: skip
+                        # one spec for every target, or one for sm_80/sm_90 and one for sm_100 (_SM100)
+                        split = (kernel, block_d) in _SM100
+                        for arch, targets in ((9, (80, 90)), (10, (100,))) if split else ((9, None),):
+                            block_m, block_n, warps, stages = _gpu_config(kernel, block_d, arch)
+                            constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
+                                          "EVEN_D": even_d, "SOFTCAP": softcap, "DOT_DTYPE": _TL_DTYPES[dtype]}  # fmt: skip
+                            sig = _signature(kernel, dtype, constexprs)
+                            specs.append({
+                                "name": f"{kernel}_{_TL_NAMES[dtype]}_d{block_d}{'' if even_d else 'pad'}"
+                                        f"{'_softcap' if softcap else ''}",
+                                "fn": fn, "signature": sig, "constexprs": constexprs,
+                                "num_warps": warps, "num_stages": stages,
+                                **({"targets": targets} if targets else {}),
+                            })  # fmt: skip
     return specs
 
 
@@ -388,7 +411,7 @@ def _options(block_d, head_dim, softcap, dtype):
 def _forward(q, k, v, sinks, cu_seqlens, max_seqlen, scale, window_left, window_right, softcap):
     t, hq, d = q.shape
     block_d = _block_d(d)
-    block_m, block_n, warps, stages = _config("fwd", block_d)
+    block_m, block_n, warps, stages = _config("fwd", block_d, _arch(q))
     out = torch.empty_like(q)
     lse = torch.empty(hq, t, device=q.device, dtype=torch.float32)  # log2 units
     grid = (triton.cdiv(max_seqlen, block_m), cu_seqlens.shape[0] - 1, hq)
@@ -411,7 +434,7 @@ def _backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, window_left,
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
 
-    block_m, block_n, warps, stages = _config("dq", block_d)
+    block_m, block_n, warps, stages = _config("dq", block_d, _arch(q))
     _bwd_dq_kernel[(triton.cdiv(max_seqlen, block_m), nseq, hq)](
         q, k, v, out, do, lse, delta, dq, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -420,7 +443,7 @@ def _backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, window_left,
         BLOCK_M=block_m, BLOCK_N=block_n, **_options(block_d, d, softcap, q.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     # after the dq kernel, which writes delta
-    block_m, block_n, warps, stages = _config("dkdv", block_d)
+    block_m, block_n, warps, stages = _config("dkdv", block_d, _arch(q))
     _bwd_dkdv_kernel[(triton.cdiv(max_seqlen, block_n), nseq, hkv)](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

@@ -144,6 +144,8 @@ def run(modules: dict[str, list[str]], *, everything: bool, targets=None, on_row
                 continue
             seen.add(kernel_of(spec))
             for cc in targets:
+                if spec.get("targets") and cc not in spec["targets"]:
+                    continue  # a configuration the launcher picks only on other GPUs
                 row = dict(
                     module=module_name, kernel=kernel_of(spec), config=describe(spec), target=f"sm_{cc}"
                 )

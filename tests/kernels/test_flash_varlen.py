@@ -149,19 +149,29 @@ def test_bad_inputs_are_refused(kwargs, match):
 
 def test_compile_specs_cover_the_launcher_choices():
     specs = flash_varlen.compile_specs()
-    names = [s["name"] for s in specs]
-    assert len(names) == len(set(names))
+    keys = [(s["name"], s.get("targets")) for s in specs]
+    assert len(keys) == len(set(keys))
     for spec in specs:
-        assert set(spec) == {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"}
+        assert set(spec) - {"targets"} == {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"}
         assert list(spec["signature"]) == spec["fn"].arg_names
         assert all(spec["signature"][n] == "constexpr" for n in spec["constexprs"])
-    # every (kernel, padded head dim, exactness, softcap, dtype) the launcher can reach is listed
+    # every (kernel, padded head dim, exactness, softcap, dtype) the launcher can reach on each GPU is
+    # listed for that GPU, with the blocks, warps and stages the launcher picks there
     dims = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256)
-    for d, softcap, dtype in itertools.product(dims, (False, True), ("bf16", "fp16")):
+    for d, softcap, dtype, (arch, target) in itertools.product(
+        dims, (False, True), ("bf16", "fp16"), ((8, 80), (9, 90), (10, 100))
+    ):
         block_d = flash_varlen._block_d(d)
         suffix = ("" if block_d == d else "pad") + ("_softcap" if softcap else "")
         for kernel in ("fwd", "dq", "dkdv"):
-            assert f"{kernel}_{dtype}_d{block_d}{suffix}" in names
+            name = f"{kernel}_{dtype}_d{block_d}{suffix}"
+            launched = flash_varlen._gpu_config(kernel, block_d, arch)
+            listed = [
+                (s["constexprs"]["BLOCK_M"], s["constexprs"]["BLOCK_N"], s["num_warps"], s["num_stages"])
+                for s in specs
+                if s["name"] == name and target in s.get("targets", (target,))
+            ]
+            assert listed == [launched], (name, target, listed, launched)
 
 
 @pytest.mark.slow
