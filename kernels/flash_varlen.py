@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.masked_ce import _tanh  # the stable tanh both kernels use for softcaps
+
 LOG2E = tl.constexpr(1.4426950408889634)
 _NO_WINDOW = 1 << 30  # "unbounded" band edge; i ± 2^30 stays inside int32 for any row length
 _NO_SINK = -1.0e30  # sink logit of "no sink": the online softmax starts at (m, l) = (b, 1), e^(b - m) -> 0
@@ -38,14 +40,6 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _tanh(x):
-    # tanh through exp, stable at both ends: exp(-2|x|) never overflows.
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x >= 0, t, -t)
 
 
 @triton.jit
