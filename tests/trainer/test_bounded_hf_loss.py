@@ -2,28 +2,13 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.kernels.test_masked_ce import _LargestAllocation
 from trainer.check import hf_loss_chunk_rows, padded_loss_sum
 from trainer.model import lm_head_spec
 from trainer.packing import PaddedBatch
 
 V, H, B, L = 4096, 32, 3, 48
-
-
-class _LargestAllocation(TorchDispatchMode):
-    """Size in bytes of the largest tensor any aten op creates, forward and backward."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
 
 
 @pytest.fixture(scope="module")
