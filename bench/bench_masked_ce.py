@@ -1,7 +1,7 @@
 """Masked linear cross-entropy, forward + backward with a frozen head: ours against the peers.
 
-Providers, compared in one run: ``ours`` (kernels.masked_linear_cross_entropy), ``reference``
-(kernels.masked_linear_cross_entropy_ref: full logits), ``torch_chunked`` (torch's
+Providers, compared in one run: ``ours`` (tritrain_kernels.masked_linear_cross_entropy), ``reference``
+(tritrain_kernels.masked_linear_cross_entropy_ref: full logits), ``torch_chunked`` (torch's
 ``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``, when the installed torch has it),
 ``liger`` (liger-kernel's fused linear CE) and ``cce`` (Apple's cut-cross-entropy), when installed
 and on CUDA.
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchutil import git_commit
-from kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
+from tritrain_kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
 
 CUDA = torch.cuda.is_available()
 FRACTIONS = [0.0, 0.5, 0.7, 0.9]

@@ -37,7 +37,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/bench_train.py` from anywhere
 
 from benchutil import git_commit  # noqa: E402
-from kernels import masked_linear_cross_entropy  # noqa: E402
 from trainer.assets.synthetic import generate_conversations, write_jsonl  # noqa: E402
 from trainer.check import HF_LOSS_NOTE, hf_loss_chunk_rows, padded_loss_sum  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
@@ -45,6 +44,7 @@ from trainer.data import encode_file, load_tokenizer  # noqa: E402
 from trainer.model import enable_varlen_attention, prepare_model  # noqa: E402
 from trainer.packing import make_packed_batches, pad_collate  # noqa: E402
 from trainer.train import forward_backward  # noqa: E402
+from tritrain_kernels import masked_linear_cross_entropy  # noqa: E402
 
 # Model shapes. "cpu-small": hidden 384, vocab 32000: small enough for 2 CPU cores, with a vocabulary
 # large enough that the head weighs as it does in real models. "qwen2.5-1.5b": Qwen2.5-1.5B's config
@@ -199,7 +199,7 @@ class Bench:
 def environment(device: torch.device) -> dict:
     import transformers
 
-    commit = git_commit(("kernels", "trainer", "bench/bench_train.py"))
+    commit = git_commit(("tritrain_kernels", "trainer", "bench/bench_train.py"))
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:

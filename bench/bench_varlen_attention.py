@@ -4,7 +4,7 @@
 
 GPU: rows of 8k, 16k and 64k tokens packed with conversations of log-normal lengths (mean 700, sigma 0.8,
 long right tail, as in chat SFT data), Hq=32, Hkv=8, D=128, bf16. Providers, in one run: ``triton``
-(kernels.flash_varlen), each installed backend of kernels.varlen_attention (``flash_attn``,
+(tritrain_kernels.flash_varlen), each installed backend of tritrain_kernels.varlen_attention (``flash_attn``,
 ``flash_attn_cute``, ``torch_varlen``, ``reference``) and ``padded_sdpa`` (the row's conversations
 right-padded to the longest, causal SDPA; the pad_collate baseline). ``extra_info`` holds real tokens/s and
 TFLOP/s over the real-token causal FLOP floor. Without a GPU the timed cases skip and
@@ -30,10 +30,10 @@ if not CUDA:  # the Triton kernel runs through the interpreter; set before kerne
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchutil import git_commit  # noqa: E402
-from kernels.flash_varlen import flash_varlen_attention, flash_varlen_attention_ref  # noqa: E402
 from trainer.packing import pack, packing_efficiency, pad_collate  # noqa: E402
+from tritrain_kernels.flash_varlen import flash_varlen_attention, flash_varlen_attention_ref  # noqa: E402
 
-va = importlib.import_module("kernels.varlen_attention")  # the backends, by name
+va = importlib.import_module("tritrain_kernels.varlen_attention")  # the backends, by name
 DEVICE = "cuda" if CUDA else "cpu"
 HQ, HKV, D, DTYPE = 32, 8, 128, torch.bfloat16
 ROW_TOKENS = (8192, 16384, 65536)

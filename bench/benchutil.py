@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def git_commit(paths=("kernels", "trainer", "bench")) -> str:
+def git_commit(paths=("tritrain_kernels", "trainer", "bench")) -> str:
     """Short HEAD, plus the files under ``paths`` with uncommitted changes; "unknown" outside git."""
     try:
         git = dict(cwd=ROOT, capture_output=True, text=True, check=True)

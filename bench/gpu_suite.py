@@ -207,11 +207,11 @@ def correctness(report, device, tiny):
                 report.row(s, **_ce_correctness(N, H, V, dtype, device, dict(opts)))
 
     with report.section("correctness: attention vs reference") as s:
-        from kernels.varlen_attention import select_backend, varlen_attention, varlen_attention_ref
+        from tritrain_kernels.varlen_attention import select_backend, varlen_attention, varlen_attention_ref
 
         impls = {f"varlen_attention ({select_backend()})": (varlen_attention, varlen_attention_ref, {})}
         try:
-            fv = importlib.import_module("kernels.flash_varlen")
+            fv = importlib.import_module("tritrain_kernels.flash_varlen")
             impls["flash_varlen (Triton)"] = (fv.flash_varlen_attention, fv.flash_varlen_attention_ref, {})
             impls["flash_varlen window+softcap"] = (
                 fv.flash_varlen_attention,
@@ -220,7 +220,8 @@ def correctness(report, device, tiny):
             )
         except ModuleNotFoundError:
             report.note(
-                s, "kernels.flash_varlen absent: the project's Triton attention is not in this checkout"
+                s,
+                "tritrain_kernels.flash_varlen absent from this checkout",
             )
         lengths = (
             [[5, 17, 3], [64, 1, 100, 31], [700, 300, 1]] if not tiny else [[5, 17, 3], [9, 1, 20], [40, 2]]
@@ -242,8 +243,8 @@ def correctness(report, device, tiny):
 
 
 def _ce_correctness(N, H, V, dtype, device, opts) -> dict:
-    from kernels import masked_linear_cross_entropy_ref
-    from kernels.masked_ce import _masked_lce
+    from tritrain_kernels import masked_linear_cross_entropy_ref
+    from tritrain_kernels.masked_ce import _masked_lce
 
     bias = opts.pop("bias", False)
     h, w, b, y = _ce_case(N, H, V, 0.5 if N > 1 else 0.0, dtype, device, bias=bias, trainable=True, seed=N)
@@ -285,7 +286,7 @@ def _attn_inputs(lens, hq, hkv, d, dtype, device, seed):
 
 
 def sync_free(report, device):
-    from kernels import masked_linear_cross_entropy
+    from tritrain_kernels import masked_linear_cross_entropy
 
     with report.section("sync-free step") as s:
         h, w, b, y = _ce_case(512, 64, 1000, 0.0, torch.bfloat16 if device.type == "cuda" else torch.float32,
@@ -332,8 +333,8 @@ def _sync_check(fn, device) -> dict:
 def _tiny_train_step(device):
     from bench_train import Bench
 
-    from kernels import masked_linear_cross_entropy
     from trainer.train import forward_backward
+    from tritrain_kernels import masked_linear_cross_entropy
 
     bench = Bench("tiny", device)
     bench.use("ours")
@@ -363,7 +364,7 @@ def masked_ce(report, device, tiny, quick):
 def _masked_ce_case(report, s, N, H, V, labelled, trainable, dtype, device, reps):
     from bench_masked_ce import providers
 
-    from kernels import masked_linear_cross_entropy
+    from tritrain_kernels import masked_linear_cross_entropy
 
     h, w, _, y = _ce_case(N, H, V, 1.0 - labelled, dtype, device, bias=False, trainable=trainable, seed=0)
     n_lab = int((y != -100).sum())
@@ -413,7 +414,7 @@ def _floor_gemms(h, w, n, trainable):
 
 
 def attention(report, device, tiny, quick):
-    from kernels.varlen_attention import _IMPORTS, torch_varlen_call, varlen_attention_ref
+    from tritrain_kernels.varlen_attention import _IMPORTS, torch_varlen_call, varlen_attention_ref
 
     hq, hkv, d = (4, 2, 32) if tiny else (32, 8, 128)
     total = 512 if tiny else 16384
@@ -424,10 +425,10 @@ def attention(report, device, tiny, quick):
     ) as s:
         backends = {}
         try:
-            fv = importlib.import_module("kernels.flash_varlen")
+            fv = importlib.import_module("tritrain_kernels.flash_varlen")
             backends["project Triton (flash_varlen)"] = fv.flash_varlen_attention
         except ModuleNotFoundError:
-            report.note(s, "kernels.flash_varlen absent")
+            report.note(s, "tritrain_kernels.flash_varlen absent")
         if device.type == "cuda":
             for name, label in (("torch_varlen", "torch varlen_attn"), ("flash_attn", "flash-attn")):
                 try:
@@ -578,8 +579,8 @@ def _provider_epoch(bench, provider, device):
 def training_run(report, device, tiny, quick):
     import bench_train
 
-    from kernels import masked_linear_cross_entropy
     from trainer.train import forward_backward
+    from tritrain_kernels import masked_linear_cross_entropy
 
     steps = 6 if tiny else 20 if quick else 40
     with report.section(f"short training run ({steps} steps, LoRA, ours)") as s:
@@ -618,10 +619,10 @@ def strategies(report, device, tiny, quick):
     import bench_train
     import torch.distributed as dist
 
-    from kernels import masked_linear_cross_entropy
     from trainer.distributed import World
     from trainer.parallel import FullySharded, Single
     from trainer.train import LiveHead, parallel_step
+    from tritrain_kernels import masked_linear_cross_entropy
 
     loss_fn = partial(masked_linear_cross_entropy, assume_valid=True)
     steps = 3 if tiny else 5

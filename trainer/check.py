@@ -23,11 +23,11 @@ from contextlib import nullcontext
 import torch
 import torch.utils.checkpoint
 
-from kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
 from trainer.config import ConfigError, TrainConfig, load_config
 from trainer.model import head_scale, hf_reference_attention, prepare_model, resolve_dtype
 from trainer.packing import collate_packed, epoch_rows, pack, pad_collate
 from trainer.train import forward_backward
+from tritrain_kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
 
 # Relative differences a correct path stays under, by compute dtype: fp32 differs only by summation
 # order (~1e-6); bf16/fp16 round activations to 8/11 bits (~4e-3 per op, compounding over layers).

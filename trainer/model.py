@@ -4,8 +4,8 @@
 benchmarks call it): load it in its dtype on its device, refuse what the project cannot express exactly,
 read the head spec the fused loss needs, install packed attention layer by layer, and wrap it with LoRA.
 
-Packed attention registers :func:`kernels.varlen_attention` with ``transformers.AttentionInterface`` and
-calls the decoder the padding-free way: ``position_ids``, ``cu_seq_lens_q/k``, ``max_length_q/k``,
+Packed attention registers :func:`tritrain_kernels.varlen_attention` with ``transformers.AttentionInterface``
+and calls the decoder the padding-free way: ``position_ids``, ``cu_seq_lens_q/k``, ``max_length_q/k``,
 ``use_cache=False`` and no ``attention_mask``. On transformers 5.x, leaving ``use_cache`` at its default or
 passing an all-ones 2D mask makes packed conversations silently attend to each other; passing cu_seqlens
 explicitly also saves a GPU->CPU sync per layer. The name is not registered as a mask function, so
@@ -25,8 +25,8 @@ from typing import NamedTuple
 import torch
 from transformers import AttentionInterface
 
-from kernels.varlen_attention import AttentionNeeds, choose_backend, select_backend, varlen_attention
 from trainer.packing import PackedBatch
+from tritrain_kernels.varlen_attention import AttentionNeeds, choose_backend, select_backend, varlen_attention
 
 ATTN_NAME = "tritrain_varlen"
 _NEEDS_ATTR = "_tritrain_attention_needs"  # set on each attention module by enable_varlen_attention
@@ -86,8 +86,9 @@ def _varlen_attention_forward(
 
 
 def register_varlen_attention(backend: str | None = None) -> str:
-    """Select how varlen backends are chosen (``kernels.varlen_attention.select_backend``) and register
-    the attention function with ``transformers.AttentionInterface``; return its name, :data:`ATTN_NAME`."""
+    """Select how varlen backends are chosen (``tritrain_kernels.varlen_attention.select_backend``) and
+    register the attention function with ``transformers.AttentionInterface``; return its name,
+    :data:`ATTN_NAME`."""
     select_backend(backend)
     AttentionInterface.register(ATTN_NAME, _varlen_attention_forward)
     return ATTN_NAME

@@ -37,7 +37,6 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
 from trainer import evalgen, make_callable  # evalgen: generation-based validation
 from trainer.config import TrainConfig, config_to_dict, save_config
 from trainer.distributed import World, close_world, init_world
@@ -47,6 +46,7 @@ from trainer.packing import PackedBatch, collate_packed, epoch_rows, make_packed
 from trainer.parallel import Single, load_cpu, make_strategy
 from trainer.reporting import Reporters, TokenAccuracy
 from trainer.resume import apply_overrides, compare_with_checkpoint
+from tritrain_kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
 
 
 class TrainingError(RuntimeError):

@@ -125,7 +125,7 @@ def test_the_plan_names_each_layer_kind(monkeypatch, capsys):
 
 
 def test_forced_backend_without_a_layer_feature_is_refused_at_start(monkeypatch):
-    va = importlib.import_module("kernels.varlen_attention")  # the package attribute is the function
+    va = importlib.import_module("tritrain_kernels.varlen_attention")  # the package attribute is the function
     monkeypatch.setitem(va._unavailable_cache, "torch_varlen", None)  # as if installed, with a GPU
     with pytest.raises(ValueError, match="'torch_varlen' cannot run this layer"):
         model_module.enable_varlen_attention(tiny_model("gemma2"), "torch_varlen")
@@ -235,7 +235,7 @@ def test_saved_moe_adapter_loads_back_onto_the_same_modules(tmp_path):
 def test_forced_backend_that_cannot_run_is_one_line_at_start(capsys, monkeypatch, tmp_path):
     from trainer.__main__ import main
 
-    va = importlib.import_module("kernels.varlen_attention")
+    va = importlib.import_module("tritrain_kernels.varlen_attention")
     monkeypatch.setitem(va._unavailable_cache, "flash_attn", None)  # as if installed, with a GPU
     argv = ["--device", "cpu", "--attn-backend", "flash_attn", "--output-dir", str(tmp_path)]
     assert main(argv) == 2
@@ -247,7 +247,7 @@ def test_forced_backend_that_cannot_run_is_one_line_at_start(capsys, monkeypatch
 @pytest.mark.parametrize("arch", ["gemma2", "gpt_oss"])
 def test_check_passes_with_the_triton_kernel(monkeypatch, arch):
     """The project's Triton kernel (Triton's interpreter on CPU) on every feature of a real model."""
-    va = importlib.import_module("kernels.varlen_attention")
+    va = importlib.import_module("tritrain_kernels.varlen_attention")
     if va._unavailable_reason("triton") is not None:
         pytest.skip(f"triton: {va._unavailable_reason('triton')}")
     r = _check(monkeypatch, arch, "--attn-backend", "triton")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.kernels.test_masked_ce import _LargestAllocation
+from tests.tritrain_kernels.test_masked_ce import _LargestAllocation
 from trainer.check import hf_loss_chunk_rows, padded_loss_sum
 from trainer.model import lm_head_spec
 from trainer.packing import PaddedBatch

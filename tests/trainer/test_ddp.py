@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kernels import masked_linear_cross_entropy
 from trainer.config import load_config
 from trainer.data import DEMO_TRAIN_FILE, DEMO_VAL_FILE, encode_file
 from trainer.distributed import close_world, init_world
@@ -35,6 +34,7 @@ from trainer.train import (
     set_rng_state,
     train,
 )
+from tritrain_kernels import masked_linear_cross_entropy
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")

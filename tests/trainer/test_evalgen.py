@@ -13,12 +13,12 @@ import torch
 
 import trainer.evalgen as ev
 import trainer.generate as gen
-from kernels import masked_linear_cross_entropy
 from trainer.config import ConfigError, load_config
 from trainer.data import DEMO_VAL_FILE, encode_file
 from trainer.model import ATTN_NAME, enable_varlen_attention, lm_head_spec
 from trainer.packing import make_packed_batches
 from trainer.train import evaluate, train
+from tritrain_kernels import masked_linear_cross_entropy
 
 ANSWER = "The password is swordfish."
 

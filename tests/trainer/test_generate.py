@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import trainer.generate as gen
-from kernels import masked_linear_cross_entropy
 from trainer.__main__ import main as trainer_main
 from trainer.config import load_config
 from trainer.data import DEMO_VAL_FILE, encode_file
 from trainer.model import ATTN_NAME, enable_varlen_attention, lm_head_spec, load_model
 from trainer.packing import make_packed_batches
 from trainer.train import evaluate, train
+from tritrain_kernels import masked_linear_cross_entropy
 
 FAST = ["--device", "cpu", "--max-tokens", "256", "--max-length", "256", "--lr", "5e-3"]
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]

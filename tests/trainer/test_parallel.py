@@ -9,9 +9,9 @@ import torch
 
 import trainer.parallel as parallel
 import trainer.train as train_module
-from kernels import masked_linear_cross_entropy
 from trainer.config import load_config
 from trainer.train import train
+from tritrain_kernels import masked_linear_cross_entropy
 
 # Tensor methods that make the host wait for the device (on CUDA); on CPU they are counted instead.
 SYNCING = ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__int__", "__float__", "__index__")

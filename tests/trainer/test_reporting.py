@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import trainer.train as train_module
-from kernels import masked_linear_cross_entropy_ref
 from trainer import ConfigError, TrainConfig, load_config
 from trainer.distributed import ONE_PROCESS
 from trainer.reporting import Reporters, TokenAccuracy
+from tritrain_kernels import masked_linear_cross_entropy_ref
 
 ROOT = Path(__file__).resolve().parents[2]
 

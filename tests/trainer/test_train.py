@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import trainer.train as train_module
-from kernels import masked_linear_cross_entropy
 from trainer.config import ConfigError, load_config
 from trainer.data import DEMO_TRAIN_FILE, encode_file
 from trainer.model import apply_lora, enable_varlen_attention, lm_head_spec, load_model
 from trainer.packing import make_packed_batches
 from trainer.train import TrainingError, _atomic_dir, forward_backward, step_flops, train
+from tritrain_kernels import masked_linear_cross_entropy
 
 CPU = torch.device("cpu")
 # A short demo run: fp32 on CPU, tiny rows, a few steps.

@@ -1,6 +1,6 @@
 """One call to make a Hugging Face causal LM compute its loss with the fused masked cross-entropy.
 
-    from kernels.hf import use_masked_ce
+    from tritrain_kernels.hf import use_masked_ce
     model = AutoModelForCausalLM.from_pretrained(name)      # or a PEFT model wrapping one
     use_masked_ce(model)                                     # patches this model instance only
     Trainer(model=model, args=args, train_dataset=data).train()    # or TRL's SFTTrainer
@@ -33,7 +33,7 @@ import inspect
 
 import torch
 
-from kernels.masked_ce import masked_linear_cross_entropy
+from tritrain_kernels.masked_ce import masked_linear_cross_entropy
 
 # Config attributes by which some families rescale the logits after lm_head (Cohere, Granite, MiniCPM, ...).
 LOGIT_SCALERS = ("logit_scale", "logits_scaling", "scale_width", "output_multiplier_scale", "mup_width_scale")

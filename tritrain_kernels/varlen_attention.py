@@ -6,7 +6,7 @@ token attends only inside its own conversation. No pad token is ever computed.
 Each call states what it needs (:class:`AttentionNeeds`: causal, sliding window, logit softcap, sinks,
 head dim, dtype, device, grouped-query heads) and the dispatcher picks the fastest installed backend that
 supports all of it: flash-attn (FA2), flash-attn-4 (``flash_attn.cute``), torch's ``varlen_attn``, the
-project's Triton kernel (``kernels.flash_varlen``) and the plain-torch reference. A feature is never
+project's Triton kernel (``tritrain_kernels.flash_varlen``) and the plain-torch reference. A feature is never
 dropped: a forced backend that cannot run a layer is an error naming what is missing.
 
 Reads top to bottom: the layer's needs, the backends and what each supports, selection, the public
@@ -81,7 +81,7 @@ def _import_torch_varlen():
 
 
 def _import_triton():
-    return importlib.import_module("kernels.flash_varlen").flash_varlen_attention
+    return importlib.import_module("tritrain_kernels.flash_varlen").flash_varlen_attention
 
 
 def _left_right(causal, window):

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels.masked_ce as mc
-from kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
-from kernels.masked_ce import _masked_lce
+import tritrain_kernels.masked_ce as mc
 from tests.synccount import count_syncs
+from tritrain_kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
+from tritrain_kernels.masked_ce import _masked_lce
 
 # The Triton implementation runs on CPU under TRITON_INTERPRET=1 (set in conftest) or on CUDA.
 IMPLS = ["torch", "triton"]
@@ -223,7 +223,7 @@ def test_peak_memory_far_below_full_logits():
     code = textwrap.dedent(
         """
         import resource, torch
-        from kernels import masked_linear_cross_entropy
+        from tritrain_kernels import masked_linear_cross_entropy
         N, H, V = 32768, 64, 50000
         torch.manual_seed(0)
         h = torch.randn(N, H, requires_grad=True)

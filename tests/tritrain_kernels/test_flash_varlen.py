@@ -5,9 +5,9 @@ import itertools
 import pytest
 import torch
 
-from kernels import flash_varlen
-from kernels.flash_varlen import flash_varlen_attention, flash_varlen_attention_ref
-from kernels.varlen_attention import varlen_attention_ref
+from tritrain_kernels import flash_varlen
+from tritrain_kernels.flash_varlen import flash_varlen_attention, flash_varlen_attention_ref
+from tritrain_kernels.varlen_attention import varlen_attention_ref
 
 # max |kernel - gold| / max(max |gold|, 0.1), per input dtype (gold: the reference in fp64 on the same inputs)
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}

@@ -6,8 +6,8 @@ the stack frame and local memory (where ptxas puts spilled registers) and static
 cubin. Used by ``test_gpu_compile.py`` in a subprocess (the tests run under ``TRITON_INTERPRET=1``,
 where ``@triton.jit`` gives no compilable function), and on its own for the table in ``bench/RESULTS.md``:
 
-    python tests/kernels/gpu_compile.py --all --markdown      # every spec, every target
-    python tests/kernels/gpu_compile.py --json out.json       # the first spec of each kernel
+    python tests/tritrain_kernels/gpu_compile.py --all --markdown      # every spec, every target
+    python tests/tritrain_kernels/gpu_compile.py --json out.json       # the first spec of each kernel
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 # Kernel modules with compile_specs(); one absent from this checkout is skipped (reported as absent).
-MODULES = ("kernels.masked_ce", "kernels.flash_varlen")
+MODULES = ("tritrain_kernels.masked_ce", "tritrain_kernels.flash_varlen")
 TARGETS = (80, 90, 100)
 # Largest shared memory one block may use (opt-in), bytes: A100, H100/H200, B200.
 SHARED_LIMIT = {80: 166912, 90: 232448, 100: 232448}
@@ -53,12 +53,12 @@ def jit_functions(path: Path) -> dict[str, bool]:
 
 
 def project_kernels() -> dict[str, list[str]]:
-    """module name -> its kernels, from scanning ``kernels/*.py``."""
+    """module name -> its kernels, from scanning ``tritrain_kernels/*.py``."""
     out = {}
-    for path in sorted((ROOT / "kernels").glob("*.py")):
+    for path in sorted((ROOT / "tritrain_kernels").glob("*.py")):
         kernels = [name for name, is_kernel in jit_functions(path).items() if is_kernel]
         if kernels:
-            out[f"kernels.{path.stem}"] = kernels
+            out[f"tritrain_kernels.{path.stem}"] = kernels
     return out
 
 

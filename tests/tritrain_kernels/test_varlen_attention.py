@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import varlen_attention, varlen_attention_ref
+from tritrain_kernels import varlen_attention, varlen_attention_ref
 
-# `kernels.varlen_attention` the attribute is the function; the module is reached through importlib.
-va = importlib.import_module("kernels.varlen_attention")
+# `tritrain_kernels.varlen_attention` the attribute is the function; the module is reached through importlib.
+va = importlib.import_module("tritrain_kernels.varlen_attention")
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 

@@ -1,9 +1,10 @@
 """Every Triton kernel of the project compiles for sm_80, sm_90 and sm_100 with no spill, on a CPU machine.
 
-The kernels are found by scanning ``kernels/*.py`` for ``@triton.jit`` functions, so a new kernel without
-a ``compile_specs()`` entry fails here. Compilation runs in a subprocess (``tests/kernels/gpu_compile.py``)
-because these tests run under ``TRITON_INTERPRET=1``. The quick set compiles the first spec of each kernel
-for each target; the full sweep (every specialisation the launchers can pick) is marked slow.
+The kernels are found by scanning ``tritrain_kernels/*.py`` for ``@triton.jit`` functions, so a new kernel
+without a ``compile_specs()`` entry fails here. Compilation runs in a subprocess
+(``tests/tritrain_kernels/gpu_compile.py``) because these tests run under ``TRITON_INTERPRET=1``. The quick
+set compiles the first spec of each kernel for each target; the full sweep (every specialisation the
+launchers can pick) is marked slow.
 """
 
 import json
@@ -15,8 +16,8 @@ import textwrap
 import pytest
 import torch
 
-import kernels.masked_ce as mc
-from tests.kernels import gpu_compile
+import tritrain_kernels.masked_ce as mc
+from tests.tritrain_kernels import gpu_compile
 
 SCRIPT = gpu_compile.__file__
 
@@ -54,8 +55,8 @@ def _check_rows(rows):
 
 def test_every_kernel_has_compile_specs():
     found = gpu_compile.project_kernels()
-    assert "_ce_rows_kernel" in found["kernels.masked_ce"]
-    assert "_tanh" not in found["kernels.masked_ce"]  # a device helper, compiled inside its callers
+    assert "_ce_rows_kernel" in found["tritrain_kernels.masked_ce"]
+    assert "_tanh" not in found["tritrain_kernels.masked_ce"]  # a device helper, compiled inside its callers
     for module_name, kernels in found.items():
         module = __import__(module_name, fromlist=["compile_specs"])
         assert hasattr(module, "compile_specs"), f"{module_name} has Triton kernels but no compile_specs()"

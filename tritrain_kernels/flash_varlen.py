@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.masked_ce import _tanh  # the stable tanh both kernels use for softcaps
+from tritrain_kernels.masked_ce import _tanh  # the stable tanh both kernels use for softcaps
 
 LOG2E = tl.constexpr(1.4426950408889634)
 _NO_WINDOW = 1 << 30  # "unbounded" band edge; i ± 2^30 stays inside int32 for any row length
