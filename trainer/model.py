@@ -488,7 +488,18 @@ def prepare_model(cfg, *, device=None, for_training=True, model=None, log=_say):
         return model.eval(), tokenizer, head
     enable_varlen_attention(model, None if cfg.attn_backend == "auto" else cfg.attn_backend, log=log)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, use_reentrant=False)
     model = apply_lora(model, cfg)
     model.train()
     return model, tokenizer, head
+
+
+def enable_activation_checkpointing(model, use_reentrant: bool = False) -> None:
+    """Checkpoint each decoder layer's activations: transformers >= 5.21 names it
+    ``activation_checkpointing_enable`` (the old ``gradient_checkpointing_enable`` warns and goes in v6);
+    older releases only have the old name."""
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
