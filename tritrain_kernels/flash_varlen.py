@@ -284,9 +284,15 @@ def _block_d(head_dim: int) -> int:
     return triton.next_power_of_2(head_dim)  # head_dim is a multiple of 16 (see _check)
 
 
-# sm_100 allots these kernels 128 registers a thread: two head-dim-64 configurations that fit sm_80/sm_90
-# spilled 8 bytes there (full compile sweep), so sm_100 gets its own for them.
-_SM100 = {("fwd", 64): (128, 32, 8, 3), ("dkdv", 64): (32, 32, 4, 1)}
+# sm_100 allots these kernels 128 registers a thread: configurations that fit sm_80/sm_90 spilled there
+# (8-64 bytes, full compile sweep), so sm_100 gets its own for them. Each is spill-free under both the
+# Triton of the declared torch floor (3.6) and the newest (3.9): ptxas allocates differently per release.
+_SM100 = {
+    ("fwd", 64): (128, 32, 8, 3),
+    ("dkdv", 16): (32, 32, 4, 1),
+    ("dkdv", 64): (32, 32, 8, 1),
+    ("dkdv", 128): (32, 64, 8, 1),
+}
 
 
 def _arch(t: torch.Tensor) -> int:
