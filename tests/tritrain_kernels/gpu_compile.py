@@ -140,9 +140,10 @@ def run(modules: dict[str, list[str]], *, everything: bool, targets=None, on_row
                 rows.append(dict(module=module_name, kernel=kernel, error="no compile_specs() entry"))
         seen = set()
         for spec in specs:
-            if not everything and kernel_of(spec) in seen:
+            first = (kernel_of(spec), tuple(spec.get("targets") or ()))  # the first for each set of targets
+            if not everything and first in seen:
                 continue
-            seen.add(kernel_of(spec))
+            seen.add(first)
             for cc in targets:
                 if spec.get("targets") and cc not in spec["targets"]:
                     continue  # a configuration the launcher picks only on other GPUs
