@@ -28,6 +28,8 @@ class TrainConfig:
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32": frozen weights and autocast
     device: str = "auto"  # "auto" (cuda if available), "cuda", "cuda:1" or "cpu"
     attn_backend: str = "auto"  # varlen attention backend; "auto": per layer, the fastest that supports it
+    # a model whose config asks for attention dropout: "off" trains without it (said once at start), "refuse"
+    attn_dropout: str = "off"
     loss_backend: str = "fused"  # "fused": masked_linear_cross_entropy; "reference": plain torch, to compare
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     parallel: str = "ddp"  # under torchrun: "ddp" (a full copy per GPU) or "fsdp" (weights sharded, FSDP2)
@@ -170,6 +172,7 @@ def _check(cfg: TrainConfig) -> None:
     choices = {
         "dtype": ("auto", "bf16", "fp32"),  # fp16 would need loss scaling: use bf16
         "loss_backend": ("fused", "reference"),
+        "attn_dropout": ("off", "refuse"),
         "schedule": ("cosine", "linear", "constant"),
         "overlong": ("drop", "truncate"),  # as trainer/data.py accepts
         "loss_on": ("all", "last"),

@@ -23,13 +23,18 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from trainer.packing import PackedBatch
 from tritrain_kernels.varlen_attention import AttentionNeeds, choose_backend, select_backend, varlen_attention
 
 ATTN_NAME = "tritrain_varlen"
+PROBE_NAME = "tritrain_probe"
 _NEEDS_ATTR = "_tritrain_attention_needs"  # set on each attention module by enable_varlen_attention
+_DROPOUT_ATTR = "_tritrain_attention_dropout"  # the dropout the probe saw, left out (attn_dropout: off)
+_PROBED_ATTR = "_tritrain_probed"  # what the probe forward saw the layer pass to its attention function
+_MASK_WINDOW_ATTR = "_tritrain_mask_window"  # a window the model declares only through its mask (PhiMoE)
 
 
 def _varlen_attention_forward(
@@ -59,9 +64,9 @@ def _varlen_attention_forward(
         raise ValueError(
             f"{ATTN_NAME} attention expects one packed row (batch 1), got batch {query.shape[0]}"
         )
-    if dropout != 0.0:
-        raise ValueError(f"{ATTN_NAME} attention does not support attention dropout ({dropout}); set it to 0")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if sliding_window is None:  # PhiMoE windows through its mask only
+        sliding_window = getattr(module, _MASK_WINDOW_ATTR, None)
     planned = getattr(module, _NEEDS_ATTR, None)
     asked = (causal, sliding_window, softcap, s_aux is not None)
     if planned is not None and (planned.causal, planned.window, planned.softcap, planned.sinks) != asked:
@@ -70,6 +75,16 @@ def _varlen_attention_forward(
             f"({planned.features()}) but the model asks for causal={causal}, window={sliding_window}, "
             f"softcap={softcap}, sinks={s_aux is not None}; this model's attention is not supported"
         )
+    if dropout != 0.0 and dropout != getattr(module, _DROPOUT_ATTR, None):
+        raise RuntimeError(
+            f"{type(module).__name__} {getattr(module, 'layer_idx', '')}: attention dropout {dropout} was "
+            "not planned; this model's attention is not supported"
+        )  # a planned dropout is left out, as enable_varlen_attention said at start (attn_dropout: off)
+    dq, dv = query.shape[-1], value.shape[-1]
+    if dq != dv:  # MLA (DeepSeek-V3, Kimi K2): zero columns change no score and no output column
+        width = max(dq, dv)
+        query, key, value = (F.pad(t, (0, width - t.shape[-1])) for t in (query, key, value))
+        scaling = scaling if scaling is not None else dq**-0.5
     out = varlen_attention(
         query[0].transpose(0, 1),  # [T, Hq, D]; last dim stays contiguous
         key[0].transpose(0, 1),
@@ -82,6 +97,8 @@ def _varlen_attention_forward(
         softcap=softcap,
         sinks=s_aux,
     )
+    if dq != dv:
+        out = out[..., :dv]
     return out.unsqueeze(0), None
 
 
@@ -113,30 +130,131 @@ def attention_modules(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module
     return sorted(found, key=lambda pair: pair[0])
 
 
+def _probe_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function that records what the layer passes (the plan's source) and
+    returns zeros of the right shape: the probe needs the arguments, not the output."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    setattr(module, _PROBED_ATTR, dict(
+        causal=causal, window=sliding_window, softcap=softcap, sinks=s_aux is not None,
+        dropout=float(dropout or 0.0), head_dim=max(query.shape[-1], value.shape[-1]),
+    ))  # fmt: skip
+    batch, heads, tokens, _ = query.shape
+    return query.new_zeros(batch, tokens, heads, value.shape[-1]), None
+
+
+def probe_attention(model: torch.nn.Module, tokens: int = 4) -> bool:
+    """Record what each attention layer's forward really passes to the attention interface (window,
+    softcap, sinks, causal, dropout, head dims): one ``tokens``-long packed forward in training mode
+    through :func:`_probe_attention`, without gradients and with the RNG state restored. Families decide
+    per layer in their own ways (``sliding_window`` on every layer but ``is_sliding`` deciding, windows
+    from ``layer_types``, ...); the forward is the one place they all agree. False when the weights are
+    not materialised (meta device): the plan then reads the modules' attributes."""
+    base = _base_model(model)
+    weight = base.get_input_embeddings().weight
+    if weight.device.type == "meta":
+        return False
+    AttentionInterface.register(PROBE_NAME, _probe_attention)
+    previous, training = base.config._attn_implementation, base.training
+    ids = (torch.arange(tokens, device=weight.device) % weight.shape[0]).unsqueeze(0)
+    cu = torch.tensor([0, tokens], dtype=torch.int32, device=weight.device)
+    devices = [weight.device.index or 0] if weight.is_cuda else []
+    base.set_attn_implementation(PROBE_NAME)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            base.train()
+            base.get_decoder()(
+                input_ids=ids, position_ids=torch.arange(tokens, device=weight.device).unsqueeze(0),
+                cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=tokens, max_length_k=tokens, use_cache=False,
+            )  # fmt: skip
+    finally:
+        base.train(training)
+        base.set_attn_implementation(previous)
+    return True
+
+
 def layer_needs(module: torch.nn.Module, config, dtype: torch.dtype, device: torch.device) -> AttentionNeeds:
-    """What one attention layer asks of the kernel, read from the module as its forward reads it:
-    ``module.sliding_window`` (set per layer from ``config.layer_types``) or ``config.sliding_window``
-    (Mistral, Phi-3), ``module.attn_logit_softcapping`` (Gemma 2), ``module.sinks`` (gpt-oss)."""
+    """What one attention layer asks of the kernel: what :func:`probe_attention` saw it pass, or where
+    the layer was not probed, read from the module as most forwards read it: ``module.sliding_window``
+    or ``config.sliding_window`` (Mistral, Phi-3), ``module.attn_logit_softcapping`` (Gemma 2),
+    ``module.sinks`` (gpt-oss)."""
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+    gqa = kv_heads is not None and kv_heads != heads
+    probed = getattr(module, _PROBED_ATTR, None)
+    if probed is not None and probed["window"] is None and _mask_window(module, config) is not None:
+        setattr(module, _MASK_WINDOW_ATTR, _mask_window(module, config))
+        probed = {**probed, "window": _mask_window(module, config)}
+    if probed is not None:
+        return AttentionNeeds(
+            head_dim=probed["head_dim"], dtype=dtype, device=device.type, causal=probed["causal"],
+            window=probed["window"], softcap=probed["softcap"], sinks=probed["sinks"], gqa=gqa,
+        )  # fmt: skip
     window = getattr(module, "sliding_window", getattr(config, "sliding_window", None))
     softcap = getattr(module, "attn_logit_softcapping", None)
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
     head_dim = getattr(module, "head_dim", None) or config.hidden_size // heads
     return AttentionNeeds(
         head_dim=head_dim, dtype=dtype, device=device.type, causal=getattr(module, "is_causal", True),
         window=window, softcap=softcap, sinks=isinstance(getattr(module, "sinks", None), torch.Tensor),
-        gqa=kv_heads is not None and kv_heads != heads,
+        gqa=gqa,
     )  # fmt: skip
 
 
+def _mask_window(module: torch.nn.Module, config) -> int | None:
+    """A window the model applies only through the mask it builds (``config.sliding_window`` with no
+    ``layer_types``, the forward passing no ``sliding_window``: PhiMoE), None otherwise. With
+    ``layer_types`` the probe has seen every window the forward applies."""
+    if getattr(config, "layer_types", None):
+        return None
+    return getattr(config, "sliding_window", None)
+
+
 def hf_reference_attention(model: torch.nn.Module) -> str:
-    """transformers' own attention that computes every layer exactly: eager where a layer has a logit
-    softcap or sinks (sdpa has neither), sdpa otherwise (it takes sliding windows as a mask)."""
+    """transformers' own attention that computes every layer exactly and that the model class supports:
+    eager where a layer has a logit softcap or sinks (sdpa has neither) or the class has no sdpa
+    (Gemma 2), sdpa otherwise (it takes sliding windows as a mask)."""
+    base = _base_model(model)
+    if not getattr(base, "_supports_sdpa", False):
+        return "eager"
     for _, module in attention_modules(model):
         if getattr(module, "attn_logit_softcapping", None) or isinstance(
             getattr(module, "sinks", None), torch.Tensor
         ):
             return "eager"
     return "sdpa"
+
+
+# Token mixers that are not softmax attention, by the words their classes carry in transformers (and any
+# class named ...Mixer: Falcon-H1's and Nemotron-H's Mamba blocks).
+_OTHER_MIXERS = ("Mamba", "GatedDeltaNet", "DeltaNet", "LinearAttention", "ShortConv", "Lightning", "RWKV")
+
+
+def other_layer_kinds(model: torch.nn.Module) -> list[str]:
+    """The decoder's token-mixing layers that are not attention (Qwen3.5 / Qwen3-Next linear attention,
+    Nemotron-H and Falcon-H1 Mamba, LFM2 convolutions), from ``config.layer_types`` and module classes."""
+    base = _base_model(model)
+    kinds = {
+        kind
+        for kind in getattr(_text_config(base.config), "layer_types", None) or ()
+        if kind not in ("full_attention", "sliding_attention")
+    }
+    kinds |= {
+        type(m).__name__
+        for m in base.modules()
+        if any(w in type(m).__name__ for w in _OTHER_MIXERS) or type(m).__name__.endswith("Mixer")
+    }
+    return sorted(kinds)
 
 
 def _layer_ranges(indices: list[int]) -> str:
@@ -149,26 +267,47 @@ def _layer_ranges(indices: list[int]) -> str:
     return ",".join(spans)
 
 
-def enable_varlen_attention(model: torch.nn.Module, backend: str | None = None, *, log=None) -> list[str]:
-    """Switch a loaded (possibly PEFT-wrapped) transformers model to packed varlen attention: choose a
-    backend for each layer from what it needs, remember the needs on the module (the forward checks
-    them), and return the choices as lines (also passed to ``log`` when given: print once at start)."""
+def enable_varlen_attention(
+    model: torch.nn.Module, backend: str | None = None, *, log=None, dropout: str = "off"
+) -> list[str]:
+    """Switch a loaded (possibly PEFT-wrapped) transformers model to packed varlen attention: probe what
+    each layer passes to its attention (:func:`probe_attention`), choose a backend for each layer from
+    that, remember the plan on the module (the forward checks it), and return the choices as lines (also
+    passed to ``log`` when given: print once at start). A config's attention dropout is left out with one
+    line (``dropout="off"``) or refused (``"refuse"``)."""
     name = register_varlen_attention(backend)
     base = _base_model(model)
+    others = other_layer_kinds(base)
+    if others:
+        raise ValueError(
+            f"{type(base).__name__} has {', '.join(others)} layers besides attention; packed training "
+            "covers decoders whose layers are attention + MLP/MoE"
+        )
     if not getattr(base, "_supports_attention_backend", False):
         raise ValueError(
             f"{type(base).__name__} does not dispatch attention through transformers.AttentionInterface; "
             "packing needs a model that does (Llama, Qwen2/3, GLM-4 ...)"
         )
+    probe_attention(base)
     config = _text_config(base.config)
     weight = base.get_input_embeddings().weight
     groups: dict[tuple[str, str], list[int]] = {}
+    dropped: set[float] = set()
     for idx, module in attention_modules(base):
         needs = layer_needs(module, config, weight.dtype, weight.device)
         setattr(module, _NEEDS_ATTR, needs)
+        p = getattr(module, _PROBED_ATTR, {}).get("dropout", 0.0)
+        if p:
+            setattr(module, _DROPOUT_ATTR, p)
+            dropped.add(p)
         groups.setdefault((choose_backend(needs), needs.features()), []).append(idx)
     if not groups:
         raise ValueError(f"{type(base).__name__}: no attention layer with a layer_idx found; not supported")
+    if dropped and dropout == "refuse":
+        raise ValueError(
+            f"{type(base).__name__}: the config asks for attention dropout {max(dropped):g}, which packed "
+            "attention does not apply (attn_dropout: refuse); attn_dropout: off trains without it"
+        )
     base.set_attn_implementation(name)
     if base.config._attn_implementation != name:
         raise RuntimeError(f"{type(base).__name__} refused attention implementation {name!r}")
@@ -176,6 +315,11 @@ def enable_varlen_attention(model: torch.nn.Module, backend: str | None = None, 
         f"attention layers {_layer_ranges(indices)}: {chosen} ({features})"
         for (chosen, features), indices in groups.items()
     ]
+    if dropped:
+        lines.append(
+            f"attention dropout {max(dropped):g} (the model's config) is left out: packed attention trains "
+            "without it, as most fine-tuning recipes set it to 0 (attn_dropout: refuse to stop instead)"
+        )
     for line in lines if log is not None else ():
         log(line)
     return lines
@@ -293,6 +437,32 @@ def expert_parameters(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
+def _num_experts(config) -> int | None:
+    for name in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
+
+
+def router_modules(model: torch.nn.Module) -> list[str]:
+    """Names of the MoE routers that are ``nn.Linear``s: a class named ``...Router``/``...Gate`` built on
+    nn.Linear (PhiMoE's returns a tuple), or a plain Linear named ``gate``/``router`` with one output per
+    expert. LoRA on a router changes which experts each token reaches, and PEFT's wrapper expects a tensor
+    back: ``all-linear`` leaves them out, and naming one is refused."""
+    base = _base_model(model)
+    experts = _num_experts(_text_config(base.config))
+    found = []
+    for name, m in base.named_modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        cls, leaf = type(m).__name__, name.rsplit(".", 1)[-1]
+        if ("Router" in cls or cls.endswith("Gate")) or (
+            leaf in ("gate", "router") and experts is not None and m.out_features == experts
+        ):
+            found.append(name)
+    return found
+
+
 def apply_lora(model: torch.nn.Module, cfg) -> torch.nn.Module:
     """Freeze the model and wrap it with a PEFT LoRA adapter (adapter weights stay fp32 under bf16).
 
@@ -308,14 +478,22 @@ def apply_lora(model: torch.nn.Module, cfg) -> torch.nn.Module:
         raise ValueError(
             f"lora_target_experts: {type(_base_model(model)).__name__} has no stacked expert weights to adapt"
         )
+    routers = router_modules(model)
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=0.0 if experts else cfg.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
+        exclude_modules=routers or None,
         target_parameters=experts or None,
         task_type="CAUSAL_LM",
     )
+    named = sorted({r.rsplit(".", 1)[-1] for r in routers} & set(targets))
+    if named:
+        raise ValueError(
+            f"lora_target_modules names {', '.join(named)}, the MoE router: routers never get LoRA (it would "
+            "change which experts each token reaches); target the attention and expert projections instead"
+        )
     try:
         with native_lora_targets():
             model = get_peft_model(model, lora)
@@ -441,18 +619,6 @@ def check_attention_supported(model: torch.nn.Module, *, for_training: bool = Tr
                 f"{config.model_type}: config.{name}={getattr(config, name)} ({what}) is not supported "
                 "by packed varlen attention"
             )
-    qk, v = getattr(config, "qk_head_dim", None), getattr(config, "v_head_dim", None)
-    if qk is not None and v is not None and qk != v:
-        raise ValueError(
-            f"{config.model_type}: config.v_head_dim={v} differs from config.qk_head_dim={qk}; "
-            "packed varlen attention needs one head dim"
-        )
-    dropout = getattr(config, "attention_dropout", 0.0) or 0.0
-    if for_training and dropout:
-        raise ValueError(
-            f"{config.model_type}: config.attention_dropout={dropout}; packed varlen attention has no "
-            "dropout: set attention_dropout to 0 in the model's config"
-        )
 
 
 def _say(line: str) -> None:
@@ -486,7 +652,8 @@ def prepare_model(cfg, *, device=None, for_training=True, model=None, log=_say):
     head = lm_head_spec(model)
     if not for_training:
         return model.eval(), tokenizer, head
-    enable_varlen_attention(model, None if cfg.attn_backend == "auto" else cfg.attn_backend, log=log)
+    backend = None if cfg.attn_backend == "auto" else cfg.attn_backend
+    enable_varlen_attention(model, backend, log=log, dropout=cfg.attn_dropout)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model, use_reentrant=False)
     model = apply_lora(model, cfg)

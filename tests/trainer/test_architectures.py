@@ -50,6 +50,25 @@ ARCHS = {
     "olmo2": {},
     "smollm3": dict(no_rope_layers=[1, 0]),  # layer 1 has no rotary embedding
     "granite": dict(logits_scaling=4.0, attention_multiplier=0.2, embedding_multiplier=2.0),
+    # sets sliding_window on every layer; its forward windows only the layers with is_sliding
+    "exaone4": dict(sliding_window=WINDOW, sliding_window_pattern=2, layer_types=TWO_KINDS),
+    # MLA: q/k head dim 32 (16 without rotary + 16 rotary), v head dim 16, low-rank q and kv
+    "deepseek_v3": dict(
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=16,
+        v_head_dim=16,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        **MOE,
+    ),  # fmt: skip
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),  # a Linear router
+    "seed_oss": dict(attention_dropout=0.1),  # trained without it, said once at start
 }
 FAST = ["--device", "cpu", "--tokenizer", "demo", "--max-tokens", "320", "--max-length", "160"]
 
@@ -79,7 +98,8 @@ def _check(monkeypatch, arch: str, *argv: str, num_batches: int = 1) -> dict:
 
 # Unmarked: one model per feature (windows, mixed layers, both softcaps, sinks + MoE, logit scales, NoPE,
 # MoE); the others (plain attention, covered feature-wise by these) are slow.
-FEATURED = {"mistral", "gemma2", "gemma3_text", "gpt_oss", "cohere2", "granite", "smollm3", "qwen3_moe"}
+FEATURED = {"mistral", "gemma2", "gemma3_text", "gpt_oss", "cohere2", "granite", "smollm3", "qwen3_moe",
+            "exaone4", "deepseek_v3", "phimoe"}  # fmt: skip
 ALL = [a if a in FEATURED else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS]
 
 
@@ -146,7 +166,6 @@ def test_planned_and_asked_features_must_agree():
     "field, value, message",
     [
         ("attention_chunk_size", 64, "config.attention_chunk_size=64 \\(chunked local attention\\)"),
-        ("attention_dropout", 0.1, "config.attention_dropout=0.1"),
     ],
 )
 def test_unexpressible_attention_is_refused_naming_the_field(field, value, message):
@@ -156,6 +175,50 @@ def test_unexpressible_attention_is_refused_naming_the_field(field, value, messa
         model_module.check_attention_supported(model)
 
 
+def test_check_on_gemma2_without_attention_softcap_uses_an_attention_the_class_supports(monkeypatch):
+    monkeypatch.setitem(ARCHS, "gemma2", dict(sliding_window=WINDOW, attn_logit_softcapping=None))
+    assert model_module.hf_reference_attention(tiny_model("gemma2")) == "eager"  # Gemma 2 has no sdpa
+    r = _check(monkeypatch, "gemma2")
+    assert r["passed"], r
+
+
+def test_the_plan_comes_from_what_each_layer_passes():
+    """EXAONE 4 sets sliding_window on every layer and windows only those with is_sliding: reading the
+    attribute planned a window on its full-attention layer, which the runtime guard then refused."""
+    model = tiny_model("exaone4")
+    lines = model_module.enable_varlen_attention(model, "auto")
+    assert all(m.sliding_window == WINDOW for _, m in model_module.attention_modules(model))
+    assert lines == [
+        "attention layers 0: reference (causal, window 24)",
+        "attention layers 1: reference (causal)",
+    ]
+
+
+def test_attention_dropout_is_left_out_with_one_line_or_refused():
+    model = tiny_model("seed_oss")
+    lines = model_module.enable_varlen_attention(model, "auto")
+    assert any(line.startswith("attention dropout 0.1 (the model's config) is left out") for line in lines)
+    refused = r"attention dropout 0\.1, which packed attention does not apply"
+    with pytest.raises(ValueError, match=refused) as ei:
+        model_module.enable_varlen_attention(tiny_model("seed_oss"), "auto", dropout="refuse")
+    assert "\n" not in str(ei.value)
+
+
+def test_mla_pads_values_to_the_query_head_dim():
+    lines = model_module.enable_varlen_attention(tiny_model("deepseek_v3"), "auto")
+    assert lines == ["attention layers 0-1: reference (causal)"]  # head dim 32 for q/k, 16 for v
+
+
+@pytest.mark.parametrize("arch, kind", [("qwen3_next", "linear_attention"), ("falcon_h1", "FalconH1Mixer")])
+def test_hybrids_are_refused_naming_the_other_layer_kind(arch, kind):
+    vocab = len(load_tokenizer("demo"))
+    config = AutoConfig.for_model(arch, vocab_size=vocab, **{**COMMON, "num_hidden_layers": 4})
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match=f"has .*{kind}.* layers besides attention") as ei:
+        model_module.enable_varlen_attention(model, "auto")
+    assert "\n" not in str(ei.value) and "AttentionInterface" not in str(ei.value)
+
+
 # ----------------------------------------------------------------------------------------- MoE and LoRA
 
 
@@ -163,7 +226,7 @@ def _adapted(model) -> set[str]:
     return {n.split(".base_layer")[0] for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe", "mixtral", "gpt_oss", "phimoe"])
 def test_default_lora_targets_on_moe_adapt_attention_and_dense_projections(arch):
     cfg = load_config([*FAST, "--model", "x"])  # default targets (all-linear) and dropout (0.1)
     model = model_module.apply_lora(tiny_model(arch), cfg)
@@ -198,7 +261,15 @@ def test_check_passes_with_expert_targets(monkeypatch):
     assert r["passed"], r
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_lora_on_the_router_is_refused_in_one_line():
+    cfg = load_config([*FAST, "--model", "x", "--lora-target-modules", "q_proj,router"])
+    routers = model_module.router_modules(tiny_model("phimoe"))
+    assert routers == ["model.layers.0.mlp.router", "model.layers.1.mlp.router"]
+    with pytest.raises(ValueError, match="names router, the MoE router: routers never get LoRA"):
+        model_module.apply_lora(tiny_model("phimoe"), cfg)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "phimoe"])
 def test_one_training_step_with_default_lora_targets(monkeypatch, tmp_path, arch):
     model = tiny_model(arch)
     import trainer.train as train_module

@@ -12,7 +12,8 @@ from trainer.resume import FREE, OVERRIDABLE, apply_overrides, changed_settings,
 from trainer.train import lr_lambda, train
 
 # The settings that may change silently. Any other key, including one added later, is compared.
-NEVER_CHANGE_THE_WEIGHTS = {"device", "attn_backend", "loss_backend", "gradient_checkpointing", "val_file",
+NEVER_CHANGE_THE_WEIGHTS = {"device", "attn_backend", "attn_dropout", "loss_backend",
+                            "gradient_checkpointing", "val_file",
                             "log_every", "eval_every", "patience", "save_every", "save_merged", "output_dir",
                             "resume", "resume_override", "report_to", "max_bad_steps", "eval_generate",
                             "eval_max_new_tokens", "metric_for_best"}  # fmt: skip
