@@ -133,6 +133,11 @@ class EncodedDataset(Sequence):
 # Tokenizer
 
 
+# Files a tokenizer directory holds one of (Hugging Face fast and slow, SentencePiece, Tekken, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "tekken.json", "*.tiktoken", "spiece.model")  # fmt: skip
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     """``"demo"`` -> the built-in GLM-4-style tokenizer; anything else -> ``AutoTokenizer``.
 
@@ -144,6 +149,11 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = DEMO_TOKENIZER_DIR if str(name_or_path) == "demo" else name_or_path
+    if Path(path).is_dir() and not any(next(Path(path).glob(p), None) for p in TOKENIZER_FILES):
+        raise ValueError(
+            f"no tokenizer files in {path} (looked for {', '.join(TOKENIZER_FILES)}); point --tokenizer at "
+            "the directory that has them"
+        )  # transformers would build an empty one-token tokenizer from such a directory
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except ValueError as e:

@@ -105,3 +105,21 @@ def test_help_through_python_m_does_not_import_torch():
 def test_subcommand_help(command, capsys):
     assert main([command, "--help"]) == 0
     assert f"python -m trainer {command}" in capsys.readouterr().out
+
+
+def test_a_model_directory_without_tokenizer_files_is_one_line_exit_2(tmp_path):
+    """transformers builds an empty one-token tokenizer from such a directory; the run then died later
+    with a traceback about the missing chat template."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    out = tmp_path / "run"
+    argv = ["--model", str(tmp_path / "model"), "--template", "chat_template", "--output-dir", str(out)]
+    cmd = [sys.executable, "-m", "trainer", *argv]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f"no tokenizer files in {tmp_path / 'model'}" in lines[0], run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
