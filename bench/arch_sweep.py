@@ -35,7 +35,10 @@ TINY = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     head_dim=16, max_position_embeddings=1024, attention_dropout=0.0, initializer_range=0.1,
     num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-    n_group=1, topk_group=1, first_k_dense_replace=1,
+    n_group=1, topk_group=1, first_k_dense_replace=1, n_shared_experts=1,
+    # MLA (DeepSeek-V3 and its descendants): q/k head dim 32 = 16 without rotary + 16 rotary, v head dim 16
+    q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+    index_head_dim=32, index_n_heads=2, full_attention_interval=2,
 )  # fmt: skip
 ARGV = ["--device", "cpu", "--tokenizer", "demo", "--max-tokens", "320", "--max-length", "160",
         "--lora-dropout", "0"]  # fmt: skip
@@ -58,15 +61,24 @@ def build(model_type: str, vocab: int):
 
     ids = dict(pad_token_id=0, eos_token_id=0, bos_token_id=0)
     config = AutoConfig.for_model(model_type, vocab_size=vocab, **ids, **TINY)
+    if hasattr(config, "kv_lora_rank"):  # MLA expands its latent kv to every head: no GQA
+        config.num_key_value_heads = config.num_attention_heads
     if getattr(config, "is_encoder_decoder", False):
         raise LookupError("encoder-decoder: not a decoder-only causal LM")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if text is not config or getattr(text, "hidden_size", 64) > 256:
         raise LookupError("composite config (a nested text config): not built tiny from its config alone")
+    with torch.device("meta"):  # sized before any memory is spent: some configs ignore the tiny sizes
+        size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    if size > 20_000_000:
+        raise LookupError(f"its config ignores the tiny sizes ({size / 1e6:.0f}M parameters)")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).float()
-    if sum(p.numel() for p in model.parameters()) > 20_000_000:
-        raise LookupError("its config ignores the tiny sizes")
+    try:
+        with torch.no_grad():
+            model(torch.arange(1, 9)[None])
+    except Exception as e:  # noqa: BLE001  the family's own forward, before anything of ours is installed
+        raise LookupError(f"its own forward fails at the tiny sizes ({_one_line(e)})") from None
     return model
 
 

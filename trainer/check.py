@@ -17,6 +17,7 @@ adapter gradient is exercised. Dropout is off (eval mode) so that both paths see
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from contextlib import nullcontext
 
@@ -40,7 +41,13 @@ class CheckError(RuntimeError):
 
 
 def _lora_grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Every trainable parameter's gradient; zeros where the batch never reached it (an expert no token
+    was routed to), so both paths are compared on the same set of parameters."""
+    return {
+        n: p.grad.detach().float().clone() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def _randomize_lora_b(model, seed: int) -> None:
@@ -128,13 +135,25 @@ def run_check(cfg: TrainConfig, *, num_batches: int = 2, tolerance: float | None
     ``num_batches`` packed rows of ``cfg.train_file``. Returns a dict: ``loss_ours``, ``loss_hf`` (mean
     per target token), ``loss_rel_diff``, ``grad_rel_diff`` (max over adapter tensors of
     max|g_ours - g_hf| / max|g_hf|), ``worst_param``, ``num_batches``, ``conversations``, ``tokens``,
-    ``loss_tokens``, ``tolerance`` and ``passed``."""
-    from trainer.data import DEMO_TRAIN_FILE, encode_file
+    ``loss_tokens``, ``tolerance``, ``passed``, the ``template`` that labelled the data and the ``data``
+    summary (conversations kept, and those the template could not render)."""
+    from trainer.data import DEMO_TRAIN_FILE, encode_file, load_tokenizer
+    from trainer.templates import resolve_template
 
     if num_batches < 1:
         raise CheckError(f"num_batches must be at least 1, got {num_batches}")
+    # the data is read with the tokenizer alone, before the model loads: a bad record is answered at once
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
+    cfg = dataclasses.replace(cfg, template=resolve_template(cfg.template, tokenizer))
+    path = DEMO_TRAIN_FILE if cfg.train_file == "demo" else cfg.train_file
+    data, summary = encode_file(
+        path, tokenizer, template=cfg.template, loss_on=cfg.loss_on, max_length=cfg.max_length,
+        overlong=cfg.overlong, progress=False,
+    )  # fmt: skip
+    if len(data) == 0:
+        raise CheckError(f"{path}: no conversation left to check (all dropped or without targets)")
     torch.manual_seed(cfg.seed)
-    model, tokenizer, head = prepare_model(cfg)
+    model, tokenizer, head = prepare_model(cfg, tokenizer=tokenizer)
     _randomize_lora_b(model, cfg.seed)
     model.eval()  # no dropout: both paths must compute the same function
     device = head[0].device
@@ -143,13 +162,6 @@ def run_check(cfg: TrainConfig, *, num_batches: int = 2, tolerance: float | None
     tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
     loss_fn = masked_linear_cross_entropy if cfg.loss_backend == "fused" else masked_linear_cross_entropy_ref
 
-    path = DEMO_TRAIN_FILE if cfg.train_file == "demo" else cfg.train_file
-    data, _ = encode_file(
-        path, tokenizer, template=cfg.template, loss_on=cfg.loss_on, max_length=cfg.max_length,
-        overlong=cfg.overlong, progress=False,
-    )  # fmt: skip
-    if len(data) == 0:
-        raise CheckError(f"{path}: no conversation left to check (all dropped or without targets)")
     rows = epoch_rows(pack(data, cfg.max_tokens), seed=cfg.seed)[:num_batches]  # training's first rows
     packed = [collate_packed(data, row) for row in rows]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -195,11 +207,18 @@ def run_check(cfg: TrainConfig, *, num_batches: int = 2, tolerance: float | None
         hf_loss=HF_LOSS_NOTE.format(chunk=hf_loss_chunk_rows(head[0].shape[0])),
         tolerance=tolerance,
         passed=passed,
+        template=cfg.template,
+        data=summary,
     )
 
 
 def format_report(r: dict) -> str:
-    lines = [
+    summary = r["data"]
+    lines = [f"template: {r['template']}", summary.format()]
+    if summary.skipped_template:
+        lines.append(f"the template rejected {summary.skipped_template} of {summary.conversations} "
+                     "conversations: they are neither trained nor checked")  # fmt: skip
+    lines += [
         f"check: {r['num_batches']} packed rows, {r['conversations']} conversations, {r['tokens']} tokens "
         f"({r['padded_slots']} padded slots)",
         "",

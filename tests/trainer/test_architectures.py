@@ -269,6 +269,26 @@ def test_lora_on_the_router_is_refused_in_one_line():
         model_module.apply_lora(tiny_model("phimoe"), cfg)
 
 
+def test_a_linear_that_returns_no_tensor_is_never_wrapped_even_unnamed(monkeypatch):
+    """PhiMoE's router returns a tuple; with the router-by-name rule switched off, the probe forward still
+    finds it: ``all-linear`` leaves it out (training would crash inside PEFT) and naming it is one line."""
+    monkeypatch.setattr(model_module, "router_modules", lambda model: [])
+    model = tiny_model("phimoe")
+    model_module.enable_varlen_attention(model, "auto")
+    assert model_module.non_tensor_linears(model) == {
+        "model.layers.0.mlp.router": "tuple", "model.layers.1.mlp.router": "tuple"
+    }  # fmt: skip
+    adapted = _adapted(model_module.apply_lora(model, load_config([*FAST, "--model", "x"])))
+    assert not any("router" in name for name in adapted) and any("q_proj" in name for name in adapted)
+    model = tiny_model("phimoe")
+    model_module.enable_varlen_attention(model, "auto")
+    cfg = load_config([*FAST, "--model", "x", "--lora-target-modules", "q_proj,router"])
+    with pytest.raises(
+        ValueError, match=r"names router, but model.layers.0.mlp.router \(\w+\) returns a tuple"
+    ):
+        model_module.apply_lora(model, cfg)
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "phimoe"])
 def test_one_training_step_with_default_lora_targets(monkeypatch, tmp_path, arch):
     model = tiny_model(arch)
@@ -315,7 +335,7 @@ def test_forced_backend_that_cannot_run_is_one_line_at_start(capsys, monkeypatch
 
 
 @pytest.mark.slow  # ~1 min each in Triton's interpreter
-@pytest.mark.parametrize("arch", ["gemma2", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["gemma2", "gpt_oss", "deepseek_v3"])  # deepseek_v3: MLA, v padded
 def test_check_passes_with_the_triton_kernel(monkeypatch, arch):
     """The project's Triton kernel (Triton's interpreter on CPU) on every feature of a real model."""
     va = importlib.import_module("tritrain_kernels.varlen_attention")
