@@ -33,6 +33,7 @@ ATTN_NAME = "tritrain_varlen"
 PROBE_NAME = "tritrain_probe"
 _NEEDS_ATTR = "_tritrain_attention_needs"  # set on each attention module by enable_varlen_attention
 _DROPOUT_ATTR = "_tritrain_attention_dropout"  # the dropout the probe saw, left out (attn_dropout: off)
+_RETURNS_ATTR = "_tritrain_returns"  # set by the probe on an nn.Linear whose forward returned no tensor
 _PROBED_ATTR = "_tritrain_probed"  # what the probe forward saw the layer pass to its attention function
 _MASK_WINDOW_ATTR = "_tritrain_mask_window"  # a window the model declares only through its mask (PhiMoE)
 
@@ -120,12 +121,21 @@ def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def _is_attention(module: torch.nn.Module) -> bool:
+    """An attention module by transformers' conventions: its class ends in ``Attention`` or ``MLA``
+    (LongCat-Flash), or it declares ``is_causal`` as every attention class does (decoder layers and
+    linear-attention mixers carry a ``layer_idx`` too, but no ``is_causal``)."""
+    return type(module).__name__.endswith(("Attention", "MLA")) or isinstance(
+        getattr(module, "is_causal", None), bool
+    )
+
+
 def attention_modules(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     """(layer index, attention module) of every decoder layer, in order."""
     found = [
         (m.layer_idx, m)
         for name, m in _base_model(model).named_modules()
-        if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)
+        if isinstance(getattr(m, "layer_idx", None), int) and _is_attention(m)
     ]
     return sorted(found, key=lambda pair: pair[0])
 
@@ -172,6 +182,7 @@ def probe_attention(model: torch.nn.Module, tokens: int = 4) -> bool:
     cu = torch.tensor([0, tokens], dtype=torch.int32, device=weight.device)
     devices = [weight.device.index or 0] if weight.is_cuda else []
     base.set_attn_implementation(PROBE_NAME)
+    hooks = [m.register_forward_hook(_note_return) for m in base.modules() if isinstance(m, torch.nn.Linear)]
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             base.train()
@@ -180,9 +191,18 @@ def probe_attention(model: torch.nn.Module, tokens: int = 4) -> bool:
                 cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=tokens, max_length_k=tokens, use_cache=False,
             )  # fmt: skip
     finally:
+        for hook in hooks:
+            hook.remove()
         base.train(training)
         base.set_attn_implementation(previous)
     return True
+
+
+def _note_return(module: torch.nn.Module, args, output) -> None:
+    """Forward hook of the probe: mark an nn.Linear whose forward returns something other than a tensor
+    (PEFT's LoRA wrapper adds its update to the base layer's output, so it cannot wrap one)."""
+    if not isinstance(output, torch.Tensor):
+        setattr(module, _RETURNS_ATTR, type(output).__name__)
 
 
 def layer_needs(module: torch.nn.Module, config, dtype: torch.dtype, device: torch.device) -> AttentionNeeds:
@@ -372,11 +392,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def load_model(cfg, device: str | None = None) -> tuple[torch.nn.Module, object]:
+def load_model(cfg, device: str | None = None, *, tokenizer=None) -> tuple[torch.nn.Module, object]:
     """(model, tokenizer) for ``cfg.model``: ``demo`` builds a small random GLM-4 (transformers' ``glm4``)
     from ``assets/demo_model.json`` sized to the built-in tokenizer, seeded by ``cfg.seed``; anything
     else goes to ``AutoModelForCausalLM.from_pretrained``. Weights in ``cfg.dtype`` on ``device`` (default
-    ``cfg.device``)."""
+    ``cfg.device``). ``tokenizer``: one already loaded for ``cfg`` (training reads its data first)."""
     from transformers import AutoModelForCausalLM, Glm4Config, Glm4ForCausalLM
 
     from trainer.data import load_tokenizer
@@ -384,7 +404,8 @@ def load_model(cfg, device: str | None = None) -> tuple[torch.nn.Module, object]
     device = resolve_device(device or cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     _check_model_path(cfg.model)
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     if cfg.model == "demo":
         spec = json.loads(DEMO_MODEL_CONFIG.read_text())
         spec["vocab_size"] = len(tokenizer)
@@ -463,6 +484,13 @@ def router_modules(model: torch.nn.Module) -> list[str]:
     return found
 
 
+def non_tensor_linears(model: torch.nn.Module) -> dict[str, str]:
+    """{name: what it returned} of the nn.Linear modules whose forward returned no tensor in the probe
+    (:func:`probe_attention`); routers are the known case, this catches the next family's."""
+    base = _base_model(model)
+    return {n: getattr(m, _RETURNS_ATTR) for n, m in base.named_modules() if hasattr(m, _RETURNS_ATTR)}
+
+
 def apply_lora(model: torch.nn.Module, cfg) -> torch.nn.Module:
     """Freeze the model and wrap it with a PEFT LoRA adapter (adapter weights stay fp32 under bf16).
 
@@ -478,22 +506,16 @@ def apply_lora(model: torch.nn.Module, cfg) -> torch.nn.Module:
         raise ValueError(
             f"lora_target_experts: {type(_base_model(model)).__name__} has no stacked expert weights to adapt"
         )
-    routers = router_modules(model)
+    excluded = _never_adapted(model, targets)
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=0.0 if experts else cfg.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
-        exclude_modules=routers or None,
+        exclude_modules=excluded or None,
         target_parameters=experts or None,
         task_type="CAUSAL_LM",
     )
-    named = sorted({r.rsplit(".", 1)[-1] for r in routers} & set(targets))
-    if named:
-        raise ValueError(
-            f"lora_target_modules names {', '.join(named)}, the MoE router: routers never get LoRA (it would "
-            "change which experts each token reaches); target the attention and expert projections instead"
-        )
     try:
         with native_lora_targets():
             model = get_peft_model(model, lora)
@@ -507,6 +529,28 @@ def apply_lora(model: torch.nn.Module, cfg) -> torch.nn.Module:
     if experts and cfg.lora_dropout:
         _module_dropout(model, cfg.lora_dropout)
     return model
+
+
+def _never_adapted(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    """Modules LoRA must not wrap, left out of ``all-linear``: the MoE routers (:func:`router_modules`)
+    and every nn.Linear whose forward returned no tensor in the probe (:func:`non_tensor_linears`).
+    Naming one in ``targets`` is refused in one line."""
+    routers = router_modules(model)
+    named = sorted({r.rsplit(".", 1)[-1] for r in routers} & set(targets))
+    if named:
+        raise ValueError(
+            f"lora_target_modules names {', '.join(named)}, the MoE router: routers never get LoRA (it would "
+            "change which experts each token reaches); target the attention and expert projections instead"
+        )
+    returns = {n: r for n, r in non_tensor_linears(model).items() if n not in routers}
+    for name, returned in returns.items():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in targets:
+            raise ValueError(
+                f"lora_target_modules names {leaf}, but {name} ({type(model.get_submodule(name)).__name__}) "
+                f"returns a {returned}, not a tensor, so LoRA cannot wrap it; leave {leaf} out of the targets"
+            )
+    return [*routers, *returns]
 
 
 def _module_dropout(model: torch.nn.Module, p: float) -> None:
@@ -626,28 +670,29 @@ def _say(line: str) -> None:
         print(line, flush=True)
 
 
-def prepare_model(cfg, *, device=None, for_training=True, model=None, log=_say):
+def prepare_model(cfg, *, device=None, for_training=True, model=None, tokenizer=None, log=_say):
     """(model, tokenizer, head): the one model setup of training, ``check``, ``generate`` and benchmarks.
 
     Loads ``cfg.model`` (or takes ``model``, already built, then tokenizer is ``cfg.tokenizer``'s or None)
-    in ``cfg.dtype`` on ``device`` (default ``cfg.device``), refuses an attention or a head the project
-    cannot express exactly, and reads the head spec (:func:`lm_head_spec`, checked against the model's
-    own logits). ``for_training``: install packed varlen attention layer by layer (the backend chosen for
-    each is passed to ``log`` once), gradient checkpointing when ``cfg.gradient_checkpointing``, and the
-    LoRA adapter (:func:`apply_lora`). Otherwise the model keeps its own attention, in eval mode, with
-    no adapter (``generate`` loads one)."""
+    in ``cfg.dtype`` on ``device`` (default ``cfg.device``), with ``tokenizer`` when one is already loaded
+    for ``cfg``; refuses an attention or a head the project cannot express exactly, and reads the head
+    spec (:func:`lm_head_spec`, checked against the model's own logits). ``for_training``: install packed
+    varlen attention layer by layer (the backend chosen for each is passed to ``log`` once), gradient
+    checkpointing when ``cfg.gradient_checkpointing``, and the LoRA adapter (:func:`apply_lora`).
+    Otherwise the model keeps its own attention, in eval mode, with no adapter (``generate`` loads one)."""
     if model is None and getattr(cfg, "quantize", "none") == "nf4":
         from trainer.quantize import load_nf4
 
-        model, tokenizer = load_nf4(cfg, resolve_device(device or cfg.device))
+        model, tokenizer = load_nf4(cfg, resolve_device(device or cfg.device), tokenizer=tokenizer)
     elif model is None:
-        model, tokenizer = load_model(cfg, device)
+        model, tokenizer = load_model(cfg, device, tokenizer=tokenizer)
     else:
         from trainer.data import load_tokenizer
 
         target = resolve_device(device or cfg.device)
         model = model.to(device=target, dtype=resolve_dtype(cfg.dtype, target))
-        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+        if tokenizer is None:
+            tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     check_attention_supported(model, for_training=for_training)
     head = lm_head_spec(model)
     if not for_training:
