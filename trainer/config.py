@@ -39,7 +39,9 @@ class TrainConfig:
     # data
     train_file: str = "demo"  # JSONL of {"messages": [...]}; "demo": the built-in sample conversations
     val_file: str = "demo"  # validation JSONL; "demo": the built-in one; empty: no validation
-    template: str = "glm4"  # "glm4": GLM-4 per-message labels; "chat_template": the tokenizer's own template
+    # "auto": glm4 for a GLM-4 tokenizer, else chat_template; "glm4": GLM-4's per-message labels;
+    # "chat_template": the tokenizer's own chat template
+    template: str = "auto"
     loss_on: str = "all"  # assistant turns trained on: "all" or "last" (the last one only)
     max_length: int = 2048  # longest conversation in tokens
     overlong: str = "drop"  # what to do with a longer one: "drop" or "truncate" (cut on the right)
@@ -176,7 +178,7 @@ def _check(cfg: TrainConfig) -> None:
         "schedule": ("cosine", "linear", "constant"),
         "overlong": ("drop", "truncate"),  # as trainer/data.py accepts
         "loss_on": ("all", "last"),
-        "template": ("glm4", "chat_template"),
+        "template": ("auto", "glm4", "chat_template"),
         "parallel": ("ddp", "fsdp"),
         "quantize": ("none", "nf4"),
     }
@@ -304,22 +306,29 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 
 def field_help() -> list[tuple[str, str, str]]:
-    """(section, key, comment) of every field, in the order of the class: each field's one-line comment
-    (the one after it, or the one above it), and the section comment (after a blank line) it falls under:
-    the help text is the source's comments, so the two cannot drift apart."""
+    """(section, key, comment) of every field, in the order of the class: each field's comment (the one
+    after it, or the lines of the one above it, joined), and the section comment (after a blank line) it
+    falls under: the help text is the source's comments, so the two cannot drift apart."""
     import inspect
 
     lines = inspect.getsource(TrainConfig).splitlines()
+
+    def is_section(i: int) -> bool:
+        return lines[i].strip().startswith("#") and (not lines[i - 1].strip() or lines[i - 1].endswith(":"))
+
     found, section = [], ""
     for i, line in enumerate(lines):
         text = line.strip()
-        if text.startswith("#") and (not lines[i - 1].strip() or lines[i - 1].endswith(":")):
+        if is_section(i):
             section = text.lstrip("# ")
         name = text.partition(":")[0]
         if name in FIELDS and not text.startswith("#"):
             code, _, comment = text.partition("  # ")
             if not comment:
-                comment = lines[i - 1].strip().lstrip("# ")
+                above = i - 1
+                while lines[above - 1].strip().startswith("#") and not is_section(above - 1):
+                    above -= 1
+                comment = " ".join(lines[j].strip().lstrip("# ") for j in range(above, i))
             found.append((section, name, comment.strip()))
     return found
 

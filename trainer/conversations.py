@@ -408,8 +408,18 @@ def normalize(record: dict, *, glm4: bool) -> Conversation:
     if not isinstance(kwargs, dict):
         raise Problem(f"'chat_template_kwargs' must be an object, got {type(kwargs).__name__}")
     out, may_train = [], []
+    before = None  # the role of the last message that is not a tool result
     for i, m in enumerate(messages):
         msg, loss, sys_tools = _message(m, i)
+        if msg["role"] in ("tool", "observation"):
+            # what called the tool (tool_calls, GLM-4's metadata, or a call written in the text) is an
+            # assistant turn; a result after anything else answers no call
+            if before != "assistant":
+                after = f"after the {before} message" if before else "at the start"
+                raise Problem(f"message {i + 1}: {msg['role']} result {after}; a tool result must follow "
+                              "the assistant turn that called the tool")  # fmt: skip
+        else:
+            before = msg["role"]
         if glm4:
             for g in _to_glm4(msg, sys_tools):
                 out.append(g)

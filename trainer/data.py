@@ -44,7 +44,7 @@ DEMO_VAL_FILE = ASSETS_DIR / "demo_val.jsonl"
 
 IGNORE_INDEX = -100
 OVERLONG = ("drop", "truncate")
-_CACHE_FORMAT = 2  # bump when the encoding or the cache layout changes
+_CACHE_FORMAT = 3  # bump when the encoding or the cache layout changes
 _CHUNK = 256  # conversations per worker task
 
 

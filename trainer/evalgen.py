@@ -40,6 +40,7 @@ METRICS = {
 }
 LOOP_REPEATS = 3  # a loop: at least this many back-to-back copies of a block ...
 LOOP_SPAN = 24  # ... covering at least this many characters of the normalised answer
+THINK_END = "</think>"  # ends the reasoning block of Qwen3, DeepSeek-R1, GLM-4.5 and others
 
 
 def normalize_whitespace(text: str) -> str:
@@ -122,14 +123,24 @@ def length_ratio(output: str, reference: str) -> float:
     return len(normalize_whitespace(output)) / max(1, len(normalize_whitespace(reference)))
 
 
+def split_reasoning(text: str) -> tuple[str, str]:
+    """(reasoning, final answer) of a turn: the text up to the last ``</think>`` and the text after it;
+    ("", text) when it has no reasoning block."""
+    reasoning, end, answer = text.rpartition(THINK_END)
+    return (reasoning + end, answer) if end else ("", text)
+
+
 def answer_scores(output: str, reference: str, stopped: bool) -> dict:
-    """One answer's scores; the generation metrics are their means (see :func:`score_answers`)."""
+    """One answer's scores; the generation metrics are their means (see :func:`score_answers`). Match,
+    similarity and length compare the final answers, after any reasoning block: a reasoning model's
+    thoughts differ from the reference's in wording even when the answers agree. Loops count anywhere."""
+    answer, expected = split_reasoning(output)[1], split_reasoning(reference)[1]
     return {
-        "exact_match": exact_match(output, reference),
-        "similarity": similarity(output, reference),
+        "exact_match": exact_match(answer, expected),
+        "similarity": similarity(answer, expected),
         "stopped": stopped,
         "loop": has_loop(normalize_whitespace(output)),
-        "length_ratio": length_ratio(output, reference),
+        "length_ratio": length_ratio(answer, expected),
     }
 
 

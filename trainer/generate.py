@@ -6,9 +6,12 @@
 ``--adapter`` is a directory written by training (``final/``, ``best/``, ``checkpoint-N/``, or the output
 directory itself, which means its ``final/``): it holds the adapter and the resolved ``train_config.yaml``,
 from which the base model is recreated (``demo``: the same random weights, seeded by the saved ``seed``).
-Decoding is greedy by default and stops at the chat's end-of-turn tokens (GLM-4: ``<|user|>``,
-``<|observation|>``, eos). ``--conversation`` takes a JSON list of messages or ``{"messages": [...]}``
-(the training data's format); the answer is the next assistant turn.
+Decoding is greedy by default and stops at the tokens that end a turn of the chat template (derived from
+its rendering: GLM-4's ``<|user|>`` and ``<|observation|>``, ChatML's ``<|im_end|>``, Gemma 4's ``<turn|>``
+and ``<|tool_response>``...), eos and the model's generation-config eos ids. ``--conversation`` takes a
+JSON list of messages or a record of the training data (``{"messages": [...], "tools": [...]}``: tool
+calls, ``tool`` messages and the tools included), read and rendered as training renders it; the answer is
+the next assistant turn.
 """
 
 from __future__ import annotations
@@ -23,21 +26,20 @@ from pathlib import Path
 import torch
 
 from trainer.config import ConfigError, load_config
+from trainer.conversations import Conversation, Problem, as_record, normalize
 from trainer.model import ATTN_NAME, hf_reference_attention, native_lora_targets, prepare_model
-
-# End-of-turn tokens of the chat formats this trainer knows: GLM-4 (the next role token), ChatML, Llama 3.
-STOP_TOKENS = ("<|user|>", "<|observation|>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>")
-ROLES = ("system", "user", "assistant", "observation")
+from trainer.templates import token_id, turn_stops
 
 
 class GenerateError(ValueError):
     """Bad adapter directory or conversation; the CLI prints it as one line."""
 
 
-def stop_token_ids(tokenizer, model=None) -> set[int]:
-    """Ids that end an assistant turn: those of STOP_TOKENS the vocabulary has, plus every eos id."""
-    vocab = tokenizer.get_vocab()
-    ids = {vocab[t] for t in STOP_TOKENS if t in vocab}
+def stop_token_ids(tokenizer, model=None, template_kwargs=None) -> set[int]:
+    """Ids that end an assistant turn: the tokens the chat template writes last in a turn, derived from its
+    rendering (:func:`trainer.templates.turn_stops`, the stops training labels), the tokenizer's eos and
+    every eos id of the model's generation config (its ``generation_config.json``)."""
+    ids = {tid for t in turn_stops(tokenizer, template_kwargs) if (tid := token_id(tokenizer, t)) is not None}
     eos = [tokenizer.eos_token_id]
     if model is not None:
         eos.append(getattr(model.generation_config, "eos_token_id", None))
@@ -87,11 +89,11 @@ def cached_attention(model):
 @torch.no_grad()
 def generate_ids(
     model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, tools=None, template_kwargs=None,
 ) -> list[int]:  # fmt: skip
     """New token ids after the prompt, the stop token excluded. Greedy when ``temperature`` is 0, else
     sampled from softmax(logits / temperature). Uses the KV cache with the model's default attention
-    (see :func:`cached_attention`)."""
+    (see :func:`cached_attention`). ``tools`` and ``template_kwargs``: as a training record's."""
     if max_new_tokens < 1:
         raise GenerateError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if temperature < 0:
@@ -99,8 +101,9 @@ def generate_ids(
     with cached_attention(model):
         base = _base(model)
         device = base.get_input_embeddings().weight.device
-        stops = stop_token_ids(tokenizer, base)
-        ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
+        stops = stop_token_ids(tokenizer, base, template_kwargs)
+        prompt = prompt_ids(tokenizer, messages, tools=tools, template_kwargs=template_kwargs)
+        ids = torch.tensor([prompt], device=device)
         out: list[int] = []
         cache, cache_name = None, cache_argument(model)
         while len(out) < max_new_tokens:
@@ -121,12 +124,12 @@ def generate_ids(
 
 def generate(
     model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, tools=None, template_kwargs=None,
 ) -> str:  # fmt: skip
     """The next assistant turn of ``messages`` (``[{"role": ..., "content": ...}, ...]``) as text."""
     ids = generate_ids(
         model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature,
-        generator=generator,
+        generator=generator, tools=tools, template_kwargs=template_kwargs,
     )  # fmt: skip
     return answer_text(tokenizer, ids)
 
@@ -155,43 +158,51 @@ def resolve_adapter_dir(path: str | Path) -> Path:
     return path
 
 
-def load_adapter(path: str | Path, *, device: str | None = None):
-    """(model, tokenizer, cfg): the base model recreated from the saved config, with the adapter loaded."""
+def saved_config(path: str | Path, *, device: str | None = None):
+    """The resolved training config an adapter directory holds (``device``: overrides the saved one)."""
+    path = resolve_adapter_dir(path)
+    return load_config(
+        ["--config", str(path / "train_config.yaml"), *(["--device", device] if device else [])]
+    )
+
+
+def load_adapter(path: str | Path, *, device: str | None = None, tokenizer=None):
+    """(model, tokenizer, cfg): the base model recreated from the saved config, with the adapter loaded;
+    ``tokenizer``: the saved config's, when already loaded."""
     from peft import PeftModel
 
     path = resolve_adapter_dir(path)
-    cfg = load_config(
-        ["--config", str(path / "train_config.yaml"), *(["--device", device] if device else [])]
-    )
-    model, tokenizer, _ = prepare_model(cfg, for_training=False)
+    cfg = saved_config(path, device=device)
+    model, tokenizer, _ = prepare_model(cfg, for_training=False, tokenizer=tokenizer)
     with native_lora_targets():  # the adapter names the model's modules as they are
         model = PeftModel.from_pretrained(model, str(path)).eval()
     return model, tokenizer, cfg
 
 
-def read_conversation(path: str | Path) -> list[dict]:
-    """Messages from a JSON file: a list of messages or {"messages": [...]}; the last must not be the
-    assistant's (the answer is the next assistant turn)."""
+def read_conversation(path: str | Path, *, template: str = "chat_template") -> Conversation:
+    """The conversation of a JSON file: a list of messages, or one record of the training data (with
+    ``tools``, ``chat_template_kwargs``, tool calls, ``tool`` / ``observation`` messages; ShareGPT too),
+    validated and put in the form training renders for ``template`` (GLM-4's for ``glm4``). The last
+    message must not be the assistant's (the answer is the next assistant turn)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise GenerateError(f"--conversation {path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GenerateError(f"--conversation {path}: not valid JSON ({e})") from None
-    messages = data.get("messages") if isinstance(data, dict) else data
-    if not isinstance(messages, list) or not messages:
+    record = {"messages": data} if isinstance(data, list) else data
+    if not isinstance(record, dict):
         raise GenerateError(f'--conversation {path}: expected a list of messages or {{"messages": [...]}}')
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise GenerateError(
-                f"--conversation {path}: message {i} needs a role ({', '.join(ROLES)}) and a string content"
-            )
-    if messages[-1]["role"] == "assistant":
+    try:
+        conversation = normalize(as_record(record), glm4=template == "glm4")
+    except Problem as e:
+        raise GenerateError(f"--conversation {path}: {e}") from None
+    if conversation.messages[-1]["role"] == "assistant":
         raise GenerateError(
-            f"--conversation {path}: the last message is the assistant's; end with a user or observation "
-            "message to get the next answer"
+            f"--conversation {path}: the last message is the assistant's; end with a user or tool message "
+            "to get the next answer"
         )
-    return messages
+    return conversation
 
 
 class _Parser(argparse.ArgumentParser):
@@ -213,25 +224,38 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer.data import load_tokenizer
+    from trainer.templates import resolve_template
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         _parser().print_help()
         return 0
     try:
         args = _parser().parse_args(argv)
+        # the conversation is read and checked with the tokenizer alone, before the model loads
+        cfg = saved_config(args.adapter, device=args.device)
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
+        template = resolve_template(cfg.template, tokenizer)
         if args.conversation is not None:
-            messages = read_conversation(args.conversation)
+            conversation = read_conversation(args.conversation, template=template)
         else:
-            messages = [{"role": "user", "content": args.prompt}]
-        model, tokenizer, _ = load_adapter(args.adapter, device=args.device)
-        text = generate(
-            model, tokenizer, messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            generator=torch.Generator().manual_seed(args.seed),
+            conversation = Conversation([{"role": "user", "content": args.prompt}], [True])
+        model, tokenizer, _ = load_adapter(args.adapter, device=args.device, tokenizer=tokenizer)
+        ids = generate_ids(
+            model, tokenizer, conversation.messages, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed),
+            tools=conversation.tools, template_kwargs=conversation.kwargs,
         )  # fmt: skip
     except (GenerateError, ConfigError, ValueError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    text = answer_text(tokenizer, ids)
     print(text)
+    if not text:  # a blank line alone would read as if nothing happened
+        raw = tokenizer.decode(ids, skip_special_tokens=False)
+        why = f"{len(ids)} new tokens, none of them visible: {raw!r}" if ids else "the turn ended at once"
+        print(f"(empty answer: {why})", file=sys.stderr)
     return 0
 
 

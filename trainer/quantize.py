@@ -33,17 +33,19 @@ def nf4_config(skip: list[str]):
     )  # fmt: skip
 
 
-def load_nf4(cfg, device: torch.device):
-    """(model, tokenizer) for ``cfg.model`` with the decoder's linear layers in NF4 on ``device``."""
+def load_nf4(cfg, device: torch.device, *, tokenizer=None):
+    """(model, tokenizer) for ``cfg.model`` with the decoder's linear layers in NF4 on ``device``;
+    ``tokenizer``: one already loaded for ``cfg``."""
     from transformers import AutoModelForCausalLM
 
     from trainer.data import load_tokenizer
     from trainer.model import load_model
 
     if cfg.model == "demo":
-        model, tokenizer = load_model(cfg)
+        model, tokenizer = load_model(cfg, tokenizer=tokenizer)
         return quantize_nf4(model), tokenizer
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model, dtype=COMPUTE_DTYPE, quantization_config=nf4_config(["lm_head"]), device_map={"": device}
     )

@@ -12,34 +12,55 @@ one registry (``TEMPLATES``, ``make_template``):
   inference sees it (``tools=``, the record's ``chat_template_kwargs``), tokenized once with offsets,
   and each trained assistant message is labelled as it stands in that rendering: from the end of
   its role header through its reasoning (where the template keeps it), text and tool calls to the
-  end-of-turn marker after them (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``</s>``,
-  ``<|end|>``, ``<|return|>``, ``<|call|>``, ``<|observation|>``...). Templates with
-  ``{% generation %}`` blocks are labelled by those blocks instead. A template with no marker after
-  the turn (GLM-4) gets the token that follows the turn labelled, or ``end_token`` appended. A
-  trained message the template drops or cannot render is reported (``Unexpressible``), never
-  trained as something else.
+  stop after them. A turn with no header (Falcon3 writes none before a tool call alone, Gemma 4
+  continues its turn after tool results) starts where the model starts writing, when only
+  whitespace, or the added token that closes the previous message, separates it from that
+  message. The stops are derived, not listed: the added token the template writes first after an
+  answer, and the one that ends a tool call before its result (``<|im_end|>``, ``<|eot_id|>``,
+  ``</s>``, ``<|return|>`` / ``<|end|>``, ``<|call|>``, Gemma 4's ``<turn|>`` and
+  ``<|tool_response>``), found by rendering probe conversations, plus eos and the
+  ``generation_config.json`` eos ids. Templates with ``{% generation %}`` blocks are labelled by
+  those blocks instead. A template with no stop after the turn (GLM) gets the token that follows
+  the turn labelled, or ``end_token`` appended. A trained message the template drops or cannot
+  render is reported (``Unexpressible``), never trained as something else.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
-from typing import Protocol
+from pathlib import Path
+from typing import NamedTuple, Protocol
 
 from trainer.conversations import Conversation, Problem, normalize, trainable
 from trainer.fasttok import PROBE_TEXTS, PieceEncoder
 
 GLM4_ROLES = ("system", "user", "assistant", "observation")
 LOSS_ON = ("all", "last")
-# Tokens that end an assistant turn in the families we know; only those that are single added
-# tokens of the tokenizer at hand are used, plus its eos token.
-END_MARKERS = (
-    "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "</s>", "<|end|>", "<|return|>", "<|call|>",
-    "<|endoftext|>", "<|end_of_text|>", "<｜end▁of▁sentence｜>", "<|user|>", "<|observation|>",
-)  # fmt: skip
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# Probe conversations: what a template writes around a turn is read from their renderings.
 _PROBE_USER = "Tell me 0x51f3."
 _PROBE_ANSWER = "It is 20979."
+_PROBE_NEXT = "And 0x2a?"
+_PROBE_RESULT = "Result 7316."
+_PROBE_NAME = "probe_lookup"
+_PROBE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": _PROBE_NAME,
+        "description": "Look a key up",
+        "parameters": {"type": "object", "properties": {"key": {"type": "string"}}, "required": ["key"]},
+    },
+}
+_PROBE_CALL = {
+    "role": "assistant",
+    "content": "",
+    "tool_calls": [
+        {"id": "call00001", "type": "function", "function": {"name": _PROBE_NAME, "arguments": {"key": "k7"}}}
+    ],
+}
+_PROBE_OUTPUT = {"role": "tool", "tool_call_id": "call00001", "name": _PROBE_NAME, "content": _PROBE_RESULT}
 
 
 class Unexpressible(Exception):
@@ -319,6 +340,133 @@ def _split_think(content: str) -> tuple[str, str]:
     return head.split("<think>")[-1].strip(), answer
 
 
+def added_token_re(tokenizer) -> re.Pattern:
+    """Any added (or special) token of the tokenizer, longest first."""
+    added = {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
+    added |= set(getattr(tokenizer, "all_special_tokens", []))
+    return re.compile("|".join(map(re.escape, sorted(added - {""}, key=len, reverse=True))) or "(?!)")
+
+
+def _probe(tokenizer, messages, tools=None, kwargs=None) -> str | None:
+    """A probe conversation rendered, or None where the template refuses it."""
+    try:
+        try:
+            return render(tokenizer, messages, tools, kwargs)
+        except TypeError:  # a template that concatenates arguments (DeepSeek-V3)
+            return render(tokenizer, _string_arguments(messages), tools, kwargs)
+    except Exception:
+        return None
+
+
+def _common_prefix(a: str, b: str, added: re.Pattern) -> int:
+    """Length of the common prefix of a and b, never ending inside an added token."""
+    n = len(os.path.commonprefix([a, b]))
+    for m in added.finditer(b, max(0, n - 64), n + 64):
+        if m.start() < n < m.end():
+            return m.start()
+    return n
+
+
+def derive_stops(tokenizer, kwargs=None, added: re.Pattern | None = None) -> tuple[list[str], bool]:
+    """The tokens that end an assistant turn, as the chat template writes them, and whether it writes
+    one after the conversation's last turn (GLM's templates do not: the next role token ends a turn).
+    Read from probe renderings: the first added token after an answer (last, then followed by a user
+    and by an observation message), and the one that ends a tool call followed by its result."""
+    added = added or added_token_re(tokenizer)
+    user = {"role": "user", "content": _PROBE_USER}
+    answer = {"role": "assistant", "content": _PROBE_ANSWER}
+    found: list[re.Match] = []
+    last = _probe(tokenizer, [user, answer], kwargs=kwargs)
+    final = None
+    if last is not None and _PROBE_ANSWER in last:
+        final = added.search(last, last.rindex(_PROBE_ANSWER) + len(_PROBE_ANSWER))
+        found.append(final)
+    for role in ("user", "observation"):
+        text = _probe(tokenizer, [user, answer, {"role": role, "content": _PROBE_NEXT}], kwargs=kwargs) or ""
+        a = text.find(_PROBE_ANSWER) + len(_PROBE_ANSWER) if _PROBE_ANSWER in text else -1
+        b = text.find(_PROBE_NEXT, a) if a >= 0 else -1
+        if b >= 0:
+            found.append(added.search(text, a, b))
+    text_stops = {m.group() for m in found if m is not None}
+    found.append(_call_stop(tokenizer, kwargs, added, text_stops, final is not None))
+    stops = [m.group() for m in found if m is not None]
+    return list(dict.fromkeys(stops)), final is not None
+
+
+def _call_stop(tokenizer, kwargs, added: re.Pattern, text_stops: set, has_final: bool) -> re.Match | None:
+    """The added token that ends a tool-call turn followed by the tool's result. The renderings of the
+    call as the last message and followed by its result agree up to some point. When the call turn is
+    already ended there by a stop of answers (``<|im_end|>``), that stop; when the last-message
+    rendering goes on differently there (a template that ends a last call like an answer) or the
+    template ends no turn itself (GLM), the first added token after that point (GLM's
+    ``<|observation|>``); else the added token that closes the common part (gpt-oss's ``<|call|>``,
+    Gemma 4's ``<|tool_response>``, written after a call whether a result follows or not)."""
+    user = {"role": "user", "content": _PROBE_USER}
+    last = _probe(tokenizer, [user, _PROBE_CALL], [_PROBE_TOOL], kwargs)
+    follow = _probe(tokenizer, [user, _PROBE_CALL, _PROBE_OUTPUT], [_PROBE_TOOL], kwargs)
+    if last is None or follow is None or _PROBE_USER not in follow:
+        return None
+    n = follow.find(_PROBE_NAME, follow.index(_PROBE_USER) + len(_PROBE_USER))
+    r = follow.find(_PROBE_RESULT, n) if n >= 0 else -1
+    c = _common_prefix(last, follow, added)
+    if r < 0 or not n < c <= r:
+        return None
+    ended = [m for m in added.finditer(follow, n, c) if m.group() in text_stops]
+    if ended:
+        return ended[-1]
+    if last[c:].strip() or not has_final:
+        return added.search(follow, c, r)
+    closing = [m for m in added.finditer(follow, n, c) if not follow[m.end() : c].strip()]
+    return closing[-1] if closing else None
+
+
+def turn_stops(tokenizer, kwargs=None) -> list[str]:
+    """The tokens that end an assistant turn of this tokenizer's chat template (``derive_stops``)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    return derive_stops(tokenizer, kwargs)[0]
+
+
+def generation_eos_ids(tokenizer) -> list[int] | None:
+    """``eos_token_id`` of the ``generation_config.json`` beside the tokenizer (its directory, or its
+    hub id's local cache), as a list; None when there is no such file."""
+    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    path = Path(name) / "generation_config.json" if name else None
+    if path is not None and not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(name, "generation_config.json")
+        except Exception:  # not a hub id
+            hit = None
+        path = Path(hit) if isinstance(hit, str) else None
+    if path is None:
+        return None
+    try:
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if eos is None:
+        return None
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+
+class TurnFacts(NamedTuple):
+    """What a template writes around an assistant turn, for one set of template kwargs."""
+
+    prompt: str  # the generation prompt's assistant header
+    forms: list[str]  # the header's forms to search for, longest first
+    stops: list[str]  # derived stops (``derive_stops``)
+    final: bool  # the template writes a stop after the last turn
+    markers: re.Pattern  # stops, eos and the generation config's eos tokens
+    opening: str | None  # what a tool-call turn starts with (``<tool_call>``, ``[TOOL_CALLS]``...)
+    call_prefix: str  # what it writes from there to the call's name
+    think: (
+        str  # what the template writes before reasoning it keeps, after the header (``<|channel>thought\n``)
+    )
+    tails: dict[str, str]  # per role, what the template writes after a message's text (Falcon3 user: ``\n``)
+
+
 class ChatTemplate:
     """The full-render rule for any Hugging Face chat template (see the module docstring)."""
 
@@ -334,21 +482,56 @@ class ChatTemplate:
         self.backend = tokenizer.backend_tokenizer
         self.end_id = resolve_end_token(tokenizer, end_token, "chat_template")
         self.has_generation = bool(_GENERATION.search(tokenizer.chat_template))
-        added = [t.content for t in self.backend.get_added_tokens_decoder().values()]
-        self.added_re = re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True))) or "(?!)")
-        markers = {m for m in END_MARKERS if m in added}
-        if tokenizer.eos_token in added:
-            markers.add(tokenizer.eos_token)
-        self.marker_re = re.compile(
-            "|".join(map(re.escape, sorted(markers, key=len, reverse=True))) or "(?!)"
+        self.added = {t.content for t in self.backend.get_added_tokens_decoder().values()}
+        self.added_re = re.compile(
+            "|".join(map(re.escape, sorted(self.added, key=len, reverse=True))) or "(?!)"
         )
+        ids = generation_eos_ids(tokenizer)
+        self.generation_eos = None if ids is None else [tokenizer.convert_ids_to_tokens(i) for i in ids]
         self._headers: dict[str, tuple[str, list[str]]] = {}
+        self._facts: dict[str, TurnFacts] = {}
         self.fast_render = FastRenderer(tokenizer)
 
     @property
     def path(self) -> str:
         how = "{% generation %} blocks" if self.has_generation else "turns located in the rendering"
-        return f"chat_template: rendered once, tokenized once, {how}"
+        return f"chat_template: rendered once, tokenized once, {how}; {self.stops_line()}"
+
+    def stops_line(self, kwargs: dict | None = None) -> str:
+        """Which stops end a turn, in one line: derived from the template, eos, and how the
+        ``generation_config.json`` eos ids compare."""
+        facts = self.facts(kwargs or {})
+        line = f"stops {', '.join(facts.stops) or 'none'} (from the template)"
+        eos, end = self.tokenizer.eos_token, self.tokenizer.convert_ids_to_tokens(self.end_id)
+        if not facts.final:
+            line += f", {end} appended after a last turn"
+        if eos and eos not in facts.stops and (facts.final or eos != end):
+            line += f", {eos} (eos)"
+        if self.generation_eos is not None:
+            extra = [t for t in self.generation_eos if t not in facts.stops and t != eos]
+            missing = [t for t in facts.stops if t not in self.generation_eos]
+            line += (
+                "; generation_config.json "
+                + (f"adds {', '.join(extra)}" if extra else "agrees")
+                + (f", lacks {', '.join(missing)}" if missing else "")
+            )
+        return line
+
+    def facts(self, kwargs: dict) -> TurnFacts:
+        """Header, stops and tool-call opening of this template for these kwargs (probed once)."""
+        key = json.dumps(kwargs, sort_keys=True, default=str)
+        hit = self._facts.get(key)
+        if hit is None:
+            prompt, forms = self.header(kwargs)
+            stops, final = derive_stops(self.tokenizer, kwargs, self.added_re)
+            markers = set(stops) | {self.tokenizer.eos_token} | set(self.generation_eos or ())
+            markers = sorted(markers & self.added, key=len, reverse=True)
+            marker_re = re.compile("|".join(map(re.escape, markers)) or "(?!)")
+            opening, prefix, think = self._openings(kwargs, prompt, forms)
+            tails = self._tails(kwargs)
+            hit = TurnFacts(prompt, forms, stops, final, marker_re, opening, prefix, think, tails)
+            self._facts[key] = hit
+        return hit
 
     def prepare(self, record):
         conv = normalize(record, glm4=False)
@@ -414,6 +597,52 @@ class ChatTemplate:
         tail = list(self.added_re.finditer(gap))
         return [gap] if gap.strip() and tail and tail[-1].end() == len(gap) else []
 
+    def _openings(self, kwargs: dict, prompt: str, forms: list[str]) -> tuple[str | None, str, str]:
+        """What the template writes before reasoning it keeps, after the assistant's role; what a tool
+        call turn starts with: its first added token (``<tool_call>``, ``[TOOL_CALLS]``), else its first
+        line, between the role (or the user's message, where it writes none) and the call's name, an
+        empty reasoning block skipped; and all it writes there."""
+        user = [{"role": "user", "content": _PROBE_USER}]
+        alone = _probe(self.tokenizer, user, [_PROBE_TOOL], kwargs)
+        think, segment, markup = "", "", set()  # markup: reasoning's own added tokens
+        if forms:
+            markup = {
+                m.group() for m in self.added_re.finditer(prompt, prompt.find(forms[-1]) + len(forms[-1]))
+            }
+        for call in ({**_PROBE_CALL, "reasoning_content": _PROBE_ANSWER}, _PROBE_CALL):
+            text = _probe(self.tokenizer, [*user, call], [_PROBE_TOOL], kwargs)
+            u = text.find(_PROBE_USER) + len(_PROBE_USER) if alone and text and _PROBE_USER in text else -1
+            n = text.find(_PROBE_NAME, u) if u >= 0 else -1
+            if n < 0:
+                continue
+            start = max(u, _common_prefix(alone, text, self.added_re))
+            found = self._header(text, start, n, forms)  # its shortest form: what the model writes follows
+            segment = text[found[0] + len(forms[-1]) if found else start : n].lstrip()
+            if call is not _PROBE_CALL and _PROBE_ANSWER in segment:
+                r = segment.index(_PROBE_ANSWER)
+                think, close = segment[:r], self.added_re.search(segment, r)
+                markup |= {m.group() for m in self.added_re.finditer(think)} | (
+                    {close.group()} if close else set()
+                )
+        m = self.added_re.match(segment)
+        while m and m.group() in markup:  # an empty reasoning block: the call opens after it
+            segment = segment[m.end() :].lstrip()
+            m = self.added_re.match(segment)
+        return (segment[: m.end()] if m else segment.split("\n", 1)[0]) or None, segment, think
+
+    def _tails(self, kwargs: dict) -> dict[str, str]:
+        """What the template writes after a user's and a tool's text, when the message is the last."""
+        user = {"role": "user", "content": _PROBE_USER}
+        tails = {}
+        for role, probe, tools, probe_text in (
+            ("user", [user], None, _PROBE_USER),
+            ("tool", [user, _PROBE_CALL, _PROBE_OUTPUT], [_PROBE_TOOL], _PROBE_RESULT),
+        ):
+            text = _probe(self.tokenizer, probe, tools, kwargs)
+            if text is not None and probe_text in text:
+                tails[role] = text[text.rindex(probe_text) + len(probe_text) :]
+        return tails
+
     # -- locating each message in the rendering ----------------------------------------------------
 
     @staticmethod
@@ -427,22 +656,25 @@ class ChatTemplate:
             ]
         return [content.strip()] if content.strip() else []
 
-    def _locate(self, text: str, conv: Conversation, flags, header) -> list[tuple[int, int, int]]:
+    def _locate(self, text: str, conv: Conversation, flags, facts: TurnFacts) -> list[tuple[int, int, int]]:
         """Per message: (end of its assistant header, start of its first anchor, end of its last);
         -1 where there is none. Anchors are searched in order, an assistant's after its header and
         its reasoning (when the template keeps it); a trained message whose anchors are missing is
         unexpressible."""
-        pos, out = 0, []
+        pos, out, before = 0, [], None
         for i, m in enumerate(conv.messages):
             anchors = self._anchors(m) if m["role"] != "system" else []  # templates move system text
             start, first, p = -1, -1, pos
             if m["role"] == "assistant" and anchors:
-                start = self._assistant_start(text, pos, anchors[0], header)
+                tail = facts.tails.get(before, "")
+                start = self._assistant_start(
+                    text, pos, pos + self._matched(text, pos, tail), m, anchors[0], facts
+                )
                 if start < 0 and flags[i]:
                     raise Unexpressible(f"message {i + 1}: the rendering has no assistant header for it")
                 p = max(start, pos)
                 reasoning = (m.get("reasoning_content") or "").strip()
-                turn_end = self.marker_re.search(text, p)
+                turn_end = facts.markers.search(text, p)
                 j = text.find(reasoning, p, turn_end.start() if turn_end else len(text)) if reasoning else -1
                 if j >= 0:  # kept by the template (before the turn's first marker): the answer comes after
                     first, p = j, j + len(reasoning)
@@ -457,28 +689,52 @@ class ChatTemplate:
                 p = j + len(a)
             out.append((start, first, p if first >= 0 else -1))
             if first >= 0:
-                pos = p
+                pos, before = p, m["role"]
         return out
 
-    def _assistant_start(self, text: str, pos: int, anchor: str, header: tuple[str, list[str]]) -> int:
+    def _matched(self, text: str, pos: int, tail: str) -> int:
+        """How much of a message's tail the text at pos has (never part of an added token)."""
+        k = len(os.path.commonprefix([tail, text[pos : pos + len(tail)]]))
+        if k < len(tail):
+            for m in self.added_re.finditer(tail, 0, k + 64):
+                if m.start() < k < m.end():
+                    return m.start()
+        return k
+
+    def _assistant_start(self, text: str, pos: int, end: int, m: dict, anchor: str, facts: TurnFacts) -> int:
         """Where an assistant message's turn starts: after its header (found before its first
         anchor). Without one there: for a template with no generation prompt, after the added token
-        that closes the previous turn (Mistral's ``[/TOOL_RESULTS]``); else after the added token
-        right before the anchor (DeepSeek after tool results)."""
-        prompt, forms = header
+        that closes the previous turn (Mistral's ``[/TOOL_RESULTS]``). Else where the model starts
+        writing (its reasoning, the opening of a tool call alone, or its text), when only whitespace
+        separates that from the previous message's end (``end``: its text and the tail the template
+        writes after it, or the added token that closes it): Falcon3's tool calls, Gemma 4 and
+        DeepSeek after tool results. Else -1."""
         j = text.find(anchor, pos)
-        found = self._header(text, pos, j if j >= 0 else len(text), forms)
+        found = self._header(text, pos, j if j >= 0 else len(text), facts.forms)
         if found is not None:
             return found[1]
         if j < 0:
             return -1
-        if not prompt.strip():
-            m = self.added_re.search(text, pos, j)
-            return m.end() if m else pos
-        found = list(self.added_re.finditer(text, pos, j))
-        if not found or text[found[-1].end() : j].strip():
+        if not facts.prompt.strip():
+            mark = self.added_re.search(text, pos, j)
+            return mark.end() if mark else pos
+        t = j
+        if facts.opening and not _split_think(m.get("content") or "")[1].strip():  # a tool call alone
+            o = text.rfind(facts.opening, end, j)
+            s = j - len(text[end:j].lstrip())  # or what it writes before a call's name
+            t = o if o >= 0 else s if facts.call_prefix.endswith(text[s:j]) else j
+        reasoning = (m.get("reasoning_content") or "").strip()
+        r = text.rfind(reasoning, pos, t) if reasoning else -1
+        if r >= 0:
+            t = (
+                r - len(facts.think)
+                if facts.think and text.startswith(facts.think, r - len(facts.think))
+                else r
+            )
+        closing = max((mark.end() for mark in self.added_re.finditer(text, end, t)), default=end)
+        if text[closing:t].strip():
             return -1  # text between them that is no header we know (a role name?): refuse
-        return found[-1].end()
+        return t
 
     def _header(self, text: str, lo: int, hi: int, forms: list[str]) -> tuple[int, int] | None:
         """(start, end) of the assistant header in text[lo:hi]: the earliest place the shortest
@@ -492,9 +748,8 @@ class ChatTemplate:
 
     def _assistant_spans(self, text, conv, flags) -> list[tuple[int, int, bool]]:
         """(start, end, ends with a marker) of each trained assistant message, in characters."""
-        header = self.header(conv.kwargs)
-        forms = header[1]
-        located = self._locate(text, conv, flags, header)
+        facts = self.facts(conv.kwargs)
+        located = self._locate(text, conv, flags, facts)
         # Per message, where the next located message starts and the previous one ends (one pass each).
         nxt, prev, n = [len(text)] * len(located), [0] * len(located), len(located)
         for i in range(n - 2, -1, -1):
@@ -508,11 +763,11 @@ class ChatTemplate:
             hi = nxt[i]
             if first < 0:  # an empty (or blank) answer: only the turn itself to find
                 lo = prev[i]
-                header = self._header(text, lo, hi, forms)
+                header = self._header(text, lo, hi, facts.forms)
                 if header is None:
                     continue  # the template renders nothing for it (GLM-4): nothing to learn
                 start = last = header[1]
-            marker = self.marker_re.search(text, last, hi)
+            marker = facts.markers.search(text, last, hi)
             if first < 0 and text[start : marker.start() if marker else hi].strip():
                 continue  # the header found belongs to a later turn
             if marker is not None:
@@ -530,7 +785,7 @@ class ChatTemplate:
         if len(indices) == len(assistants):
             owners = assistants
         else:
-            located = self._locate(text, conv, flags, self.header(conv.kwargs))
+            located = self._locate(text, conv, flags, self.facts(conv.kwargs))
             owners = [
                 next((i for i in assistants if located[i][1] >= start and located[i][2] <= end), None)
                 for start, end in indices
@@ -593,9 +848,51 @@ TEMPLATES = {"glm4": Glm4Template, "chat_template": ChatTemplate}
 
 
 def make_template(name: str, tokenizer, loss_on: str = "all", end_token=None) -> Template:
+    """The template ``name`` names; ``"auto"``: the one :func:`resolve_template` picks for ``tokenizer``."""
+    name = resolve_template(name, tokenizer)
     if name not in TEMPLATES:
-        raise ValueError(f"template must be one of {tuple(TEMPLATES)}, got {name!r}")
+        raise ValueError(f"template must be one of auto, {', '.join(TEMPLATES)}, got {name!r}")
     return TEMPLATES[name](tokenizer, loss_on, end_token)
 
 
-__all__ = ["TEMPLATES", "Template", "Unexpressible", "make_template", "render", "Problem"]
+# One message of each kind GLM-4's rule writes, rendered alone as GLM-4's own template does.
+_GLM4_PROBES = (
+    {"role": "user", "content": "hello"},
+    {"role": "assistant", "content": "hi"},
+    {"role": "assistant", "metadata": "get_weather", "content": '{"city": "Paris"}'},
+    {"role": "observation", "content": '{"t": 1}'},
+)
+
+
+def resolve_template(name: str, tokenizer) -> str:
+    """``"auto"`` -> ``"glm4"`` when the tokenizer is GLM-4's (it has ``[gMASK]`` and ``<sop>`` and its
+    chat template renders each message alone as ``[gMASK]<sop><|role|>metadata\ncontent``, as
+    glm-4-9b-chat's and the demo's do), else ``"chat_template"``: GLM-4.5/4.6 also start with
+    ``[gMASK]<sop>`` but render turns differently, so their own template labels them. Other names as given."""
+    if name != "auto":
+        return name
+    if None in (token_id(tokenizer, "[gMASK]"), token_id(tokenizer, "<sop>")):
+        return "chat_template"
+    if not getattr(tokenizer, "chat_template", None):
+        return "chat_template"  # ChatTemplate then says that the tokenizer has none
+    prefix = "[gMASK]<sop>"
+    try:
+        for m in _GLM4_PROBES:
+            if tokenizer.apply_chat_template([m], tokenize=False) != prefix + Glm4Template._fast_text(m):
+                return "chat_template"
+    except Exception:  # a template that cannot render a lone message is not GLM-4's
+        return "chat_template"
+    return "glm4"
+
+
+def describe_template(asked: str, resolved: str) -> str:
+    """The line a run prints at start: which template labels the data, and why when ``auto`` chose it."""
+    why = {
+        "glm4": "the tokenizer is GLM-4's; GLM-4's per-message labels",
+        "chat_template": "the tokenizer's own chat template, which is not GLM-4's",
+    }
+    return f"template: {resolved}" + (f" (auto: {why[resolved]})" if asked == "auto" else "")
+
+
+__all__ = ["TEMPLATES", "Template", "Unexpressible", "make_template", "render", "resolve_template",
+           "describe_template", "Problem"]  # fmt: skip

@@ -18,6 +18,7 @@ Reading order: the step, evaluation, checkpoints, then the run: ``setup`` (model
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
@@ -341,13 +342,26 @@ class Run:
                 self.reporters.log(record)
 
 
-def setup_model(cfg: TrainConfig, say=print):
-    """(model, tokenizer, the head's softcap): the model with packed attention per layer and LoRA."""
+def setup_model(cfg: TrainConfig, say=print, tokenizer=None):
+    """(model, tokenizer, the head's softcap): the model with packed attention per layer and LoRA;
+    ``tokenizer``: the one the data was read with (None: loaded here)."""
     try:
-        model, tokenizer, head = prepare_model(cfg, log=say)
+        model, tokenizer, head = prepare_model(cfg, log=say, tokenizer=tokenizer)
     except (ValueError, OSError) as e:  # unsupported model or head, missing path, bad LoRA target
         raise TrainingError(f"model {cfg.model}: {' '.join(str(e).split())}") from e
     return model, tokenizer, head.softcap
+
+
+def setup_tokenizer(cfg: TrainConfig):
+    """The tokenizer ``cfg`` names (``tokenizer``, else the model's), loaded without the model."""
+    from trainer.data import load_tokenizer
+    from trainer.model import _check_model_path
+
+    try:
+        _check_model_path(cfg.model)
+        return load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
+    except (ValueError, OSError) as e:  # no tokenizer files, remote code not trusted, missing path
+        raise TrainingError(f"model {cfg.model}: {' '.join(str(e).split())}") from e
 
 
 def _check_labels(data, vocab_size: int, name: str) -> None:
@@ -357,8 +371,24 @@ def _check_labels(data, vocab_size: int, name: str) -> None:
         raise TrainingError(f"{name}: label {top} is outside the model's vocabulary of {vocab_size} tokens")
 
 
+def check_output_dir(cfg: TrainConfig, out: Path) -> None:
+    """The checkpoint to resume from was made with these settings (else ConfigError), or, for a fresh
+    run, ``out`` holds no checkpoint that the run would overwrite (else TrainingError)."""
+    if (checkpoint := find_checkpoint(cfg)) is not None:
+        saved = yaml.safe_load((checkpoint / "train_config.yaml").read_text())
+        compare_with_checkpoint(saved, cfg, checkpoint)
+    elif not cfg.resume and (stale := sorted(out.glob("checkpoint-*"))):
+        raise TrainingError(
+            f"output_dir {out} already holds checkpoints (newest {stale[-1].name}): continue that run with "
+            "--resume auto, or choose another --output-dir"
+        )
+
+
 def setup(cfg: TrainConfig, world: World) -> Run:
+    """Settings, output directory and data are read and checked with the tokenizer alone, before the model
+    loads (minutes on a real model): a bad record or a clash with an old run is answered at once."""
     from trainer.data import DEMO_TRAIN_FILE, DEMO_VAL_FILE, encode_file
+    from trainer.templates import describe_template, resolve_template
 
     # same seed on every rank: the demo's weights and the LoRA init must be identical everywhere
     random.seed(cfg.seed)
@@ -371,13 +401,34 @@ def setup(cfg: TrainConfig, world: World) -> Run:
         raise TrainingError(f"{setting} with parallel: fsdp is not supported; use parallel: ddp "
                             "(or merge final/ afterwards on one process)")  # fmt: skip
 
-    if (checkpoint := find_checkpoint(cfg)) is not None:  # changed settings: refused before loading anything
-        compare_with_checkpoint(
-            yaml.safe_load((checkpoint / "train_config.yaml").read_text()), cfg, checkpoint
-        )
-    model, tokenizer, softcap = setup_model(cfg, say=lambda line: world.is_main and tqdm.write(line))
+    def say(line: str) -> None:
+        if world.is_main:
+            tqdm.write(line)
+
+    tokenizer = setup_tokenizer(cfg)
+    # the resolved template is what runs, is saved with every checkpoint and is compared on resume
+    asked, cfg = cfg.template, dataclasses.replace(cfg, template=resolve_template(cfg.template, tokenizer))
+    say(describe_template(asked, cfg.template))
+    check_output_dir(cfg, out)  # settings changed since the checkpoint, or an old run in the way
+
+    def encode(name: str, demo: Path):
+        data, summary = encode_file(
+            demo if name == "demo" else name, tokenizer, template=cfg.template, loss_on=cfg.loss_on,
+            max_length=cfg.max_length, overlong=cfg.overlong,
+        )  # fmt: skip
+        say(summary.format())
+        return data
+
+    train_data = encode(cfg.train_file, DEMO_TRAIN_FILE)
+    if len(train_data) == 0:
+        raise TrainingError(f"train_file {cfg.train_file}: no conversation left to train on (see above)")
+    val_data = encode(cfg.val_file, DEMO_VAL_FILE) if cfg.val_file else []
+
+    model, tokenizer, softcap = setup_model(cfg, say=say, tokenizer=tokenizer)
     flops = FlopCounter(model)  # the whole model, before any sharding
     base = model.get_base_model()
+    for name, data in ((cfg.train_file, train_data), (cfg.val_file, val_data)):
+        _check_labels(data, base.get_output_embeddings().out_features, name)
     device = base.get_output_embeddings().weight.device
     dtype = resolve_dtype(cfg.dtype, device)
     strategy = make_strategy(cfg.parallel, world, compute_dtype=dtype, cpu_offload=cfg.fsdp_cpu_offload)
@@ -385,20 +436,6 @@ def setup(cfg: TrainConfig, world: World) -> Run:
     model.train()
     head = LiveHead(base.get_output_embeddings(), softcap, strategy)
 
-    def encode(name: str, demo: Path):
-        data, summary = encode_file(
-            demo if name == "demo" else name, tokenizer, template=cfg.template, loss_on=cfg.loss_on,
-            max_length=cfg.max_length, overlong=cfg.overlong,
-        )  # fmt: skip
-        if world.is_main:
-            tqdm.write(summary.format())
-        _check_labels(data, base.get_output_embeddings().out_features, name)
-        return data
-
-    train_data = encode(cfg.train_file, DEMO_TRAIN_FILE)
-    if len(train_data) == 0:
-        raise TrainingError(f"train_file {cfg.train_file}: no conversation left to train on (see above)")
-    val_data = encode(cfg.val_file, DEMO_VAL_FILE) if cfg.val_file else []
     # Every rank packs the same rows (deterministic for seed and epoch). A step takes the next
     # rows_per_step of them and each rank trains on its share: one step covers the same rows however
     # many ranks share it. The last step of an epoch may be short. No row is dropped.
@@ -425,8 +462,9 @@ def setup(cfg: TrainConfig, world: World) -> Run:
 
 
 def resume(run: Run) -> None:
-    """Load the checkpoint ``cfg.resume`` names (every rank the same one), or refuse to overwrite one;
-    then rewrite metrics.jsonl up to the step resumed from."""
+    """Load the checkpoint ``cfg.resume`` names (every rank the same one; ``setup`` has compared its
+    settings, or refused a fresh run over an old one's checkpoints); then rewrite metrics.jsonl up to
+    the step resumed from."""
     cfg, out = run.cfg, run.out
     path = find_checkpoint(cfg)
     if path is not None:
@@ -434,11 +472,6 @@ def resume(run: Run) -> None:
         run.say(f"resumed from {path} at step {run.state['step']}")
     elif cfg.resume == "auto":
         run.say(f"resume auto: no checkpoint in {out}, starting fresh")
-    elif stale := sorted(out.glob("checkpoint-*")):
-        raise TrainingError(
-            f"output_dir {out} already holds checkpoints (newest {stale[-1].name}): continue that run with "
-            "--resume auto, or choose another --output-dir"
-        )
     run.records = _read_metrics(out / "metrics.jsonl", run.state["step"])
     run.world.barrier()  # every rank has read the previous run's metrics before rank 0 rewrites them
     if run.world.is_main:
@@ -695,8 +728,9 @@ def _train(cfg: TrainConfig, world: World) -> dict:
 
 def _summary(run: Run) -> str:
     cfg, world = run.cfg, run.world
+    quantized = " (base weights frozen in 4-bit NF4: QLoRA)" if cfg.quantize == "nf4" else ""
     return (
-        f"model {cfg.model}: {run.flops.total / 1e6:.1f}M parameters, "
+        f"model {cfg.model}: {run.flops.total / 1e6:.1f}M parameters{quantized}, "
         f"{sum(p.numel() for p in run.params) / 1e6:.2f}M trainable (LoRA r={cfg.lora_r}), {run.dtype} on "
         f"{run.device}; {len(run.bins)} packed rows per epoch, {run.total_steps} steps of {cfg.grad_accum} "
         f"rows" + (f" on each of {world.size} processes ({run.strategy.name})" if world.size > 1 else "")

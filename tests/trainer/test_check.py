@@ -99,3 +99,21 @@ def test_cli_errors(capsys, argv, message):
 def test_tolerance_override(cfg):
     r = run_check(dataclasses.replace(cfg), num_batches=1, tolerance=1e-12)
     assert r["tolerance"] == 1e-12 and not r["passed"]
+
+
+def test_cli_says_how_many_conversations_the_template_rejected(tmp_path, capsys):
+    """Conversations the template cannot render are neither trained nor checked: the report says how many
+    of how many (it used to be silent about them). The demo's template drops tool calls."""
+    import json
+
+    user = {"role": "user", "content": "Count from 3 to 7."}
+    good = {"messages": [user, {"role": "assistant", "content": "Sure: 3, 4, 5, 6, 7."}]}
+    tool_call = {"function": {"name": "get_weather", "arguments": "{}"}}
+    call = {"messages": [user, {"role": "assistant", "content": "", "tool_calls": [tool_call]}]}
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [good, call, good, call, good]))
+    argv = [*FAST, "--template", "chat_template", "--train-file", str(data), "--num-batches", "1"]
+    assert trainer_main(["check", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "template: chat_template" in out and f"data {data}: 3/5 conversations kept" in out
+    assert "the template rejected 2 of 5 conversations" in out and f"e.g. {data}:2: message 2" in out

@@ -12,6 +12,7 @@ from trainer.__main__ import help_text, main
 from trainer.config import FIELDS, TrainConfig, _coerce
 
 ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "templates"
 
 
 def _help_options() -> dict[str, tuple[str, str]]:
@@ -35,6 +36,7 @@ def test_help_lists_subcommands_and_every_key_with_its_real_default_in_readme_or
     readme_keys = re.findall(r"^\| `(\w+)` \|", settings, re.M)
     assert list(options) == readme_keys == list(FIELDS)
     source = (ROOT / "trainer" / "config.py").read_text()
+    source = re.sub(r"\n *# ", " ", source)  # a comment over several lines is one comment
     for key, (shown, comment) in options.items():
         default = getattr(TrainConfig(), key)
         typed = "" if shown == '""' else shown
@@ -123,3 +125,86 @@ def test_a_model_directory_without_tokenizer_files_is_one_line_exit_2(tmp_path):
     lines = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and f"no tokenizer files in {tmp_path / 'model'}" in lines[0], run.stderr[-2000:]
     assert "Traceback" not in run.stderr
+
+
+def _model_dir(path: Path, *, chat_template: str | None = None, weights: str = "garbage") -> Path:
+    """A model directory with the demo tokenizer (``chat_template``: another template, with ChatML's
+    tokens) and a small Llama config; ``weights``: "garbage" (a file no loader reads) or "real"."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.data import load_tokenizer
+
+    tokenizer = load_tokenizer("demo")
+    if chat_template is not None:
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tokenizer.add_special_tokens({"eos_token": "<|im_end|>"})
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(path)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    if weights == "real":
+        LlamaForCausalLM(config).save_pretrained(path)
+    else:
+        config.save_pretrained(path)
+        (path / "model.safetensors").write_bytes(b"not a safetensors file" * 64)
+    return path
+
+
+@pytest.mark.parametrize("problem", ["bad record", "old checkpoints"])
+def test_data_and_output_dir_errors_come_before_the_model_loads(tmp_path, problem):
+    """A bad record or a fresh run over an old run's checkpoints is one line, exit 2, before the model is
+    loaded (minutes on a real model): here its weights are garbage, so loading it would fail otherwise."""
+    model = _model_dir(tmp_path / "model")
+    out = tmp_path / "run"
+    data = tmp_path / "train.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    if problem == "bad record":
+        data.write_text(json.dumps(good) + "\n" + json.dumps({"messages": [{"role": "usr", "content": "x"}]}))
+        expected = f"{data}:2: message 1: unknown role 'usr'"
+    else:
+        data.write_text(json.dumps(good) + "\n")
+        (out / "checkpoint-000010").mkdir(parents=True)
+        expected = f"output_dir {out} already holds checkpoints (newest checkpoint-000010)"
+    argv = ["--model", str(model), "--train-file", str(data), "--val-file", "", "--output-dir", str(out),
+            "--device", "cpu"]  # fmt: skip
+    cmd = [sys.executable, "-m", "trainer", *argv]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    assert "attention layers" not in run.stdout + run.stderr  # printed once the model is loaded
+
+
+def test_template_auto_takes_the_models_own_chat_template_and_resumes_the_same(tmp_path):
+    """A non-GLM-4 tokenizer with the default template used to die after the model loaded ("the chat
+    template does not start with [gMASK]<sop>"); auto takes its own template, says so, saves the resolved
+    name, and a resumed run with auto resolves the same way."""
+    chatml = (FIXTURES / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text()
+    model = _model_dir(tmp_path / "model", chat_template=chatml, weights="real")
+    out = tmp_path / "run"
+    argv = ["--model", str(model), "--val-file", "", "--output-dir", str(out), "--device", "cpu",
+            "--max-length", "256", "--max-tokens", "256", "--save-every", "1"]  # fmt: skip
+    cmd = [sys.executable, "-m", "trainer", *argv]
+    run = subprocess.run([*cmd, "--max-steps", "1"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "template: chat_template (auto: " in run.stdout + run.stderr
+    import yaml
+
+    assert yaml.safe_load((out / "checkpoint-000001" / "train_config.yaml").read_text())["template"] == (
+        "chat_template"
+    )
+    resumed = subprocess.run([*cmd, "--max-steps", "2", "--resume", "auto", "--resume-override", "max_steps"],
+                             capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+
+
+def test_help_gives_a_comment_above_its_field_whole():
+    """A field commented on the lines above it gets all of them: --metric-for-best named only the last line's
+    metrics, leaving out val_loss and exact_match."""
+    options = _help_options()
+    metric = options["metric_for_best"][1]
+    assert all(name in metric for name in ("val_loss", "exact_match", "similarity", "length_ratio")), metric
+    template = options["template"][1]
+    assert template.startswith('"auto": glm4 for a GLM-4 tokenizer') and '"chat_template"' in template

@@ -169,3 +169,42 @@ def test_tekken_tokenizer_labels(qwen3):
         assert labelled_text(tok, e) == reference_labels(tok, "mistral", rec, trained), name
         full = tok.apply_chat_template(msgs, tools=rec.get("tools"), tokenize=True, return_dict=False)
         assert e.input_ids == full  # one tokenization, the same ids as the plain path
+
+
+ORPHANS = {
+    "after a user turn": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "21"}],
+    "at the start": [{"role": "tool", "content": "21"}, {"role": "assistant", "content": "ok"}],
+    "after a system message": [{"role": "system", "content": "s"}, {"role": "observation", "content": "21"},
+                               {"role": "assistant", "content": "ok"}],
+}  # fmt: skip
+ORPHAN_PROBLEMS = {
+    "after a user turn": "message 2: tool result after the user message; a tool result must follow",
+    "at the start": "message 1: tool result at the start",
+    "after a system message": "message 2: observation result after the system message",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(ORPHANS))
+def test_a_tool_result_that_answers_no_call_is_one_line_naming_file_and_line(tmp_path, demo, case):
+    """It used to be trained on silently (GLM-4 and chat templates render it as if a call had been made)."""
+    path = _jsonl(tmp_path, [RECORDS[0], {"messages": ORPHANS[case]}])
+    expected = f"^{path}:2: {ORPHAN_PROBLEMS[case]}"
+    for template in ("glm4", "chat_template"):
+        with pytest.raises(DataError, match=expected):
+            _encode(path, demo, template=template)
+    with pytest.raises(DataError, match=expected):
+        load_conversations(path)
+
+
+def test_tool_results_after_an_assistant_turn_are_accepted(tmp_path, demo):
+    """After tool_calls, after GLM-4's metadata call, and after a call written in the text (Hermes style),
+    one result or several in a row."""
+    call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}
+    glm = {"role": "assistant", "metadata": "f", "content": "{}"}
+    text = {"role": "assistant", "content": '<tool_call>{"name": "f"}</tool_call>'}
+    records = [
+        {"messages": [{"role": "user", "content": "q"}, turn, {"role": "tool", "content": "1"},
+                      {"role": "tool", "content": "2"}, {"role": "assistant", "content": "a"}]}
+        for turn in (call, glm, text)
+    ]  # fmt: skip
+    assert len(load_conversations(_jsonl(tmp_path, records))) == 3

@@ -550,3 +550,24 @@ def test_remote_code_tokenizer_needs_trust_remote_code(tmp_path):
     with pytest.raises(ValueError, match="set trust_remote_code: true"):
         load_tokenizer(str(tmp_path))
     assert type(load_tokenizer(str(tmp_path), trust_remote_code=True)).__name__ == "CustomTokenizer"
+
+
+def test_template_auto_is_glm4_only_for_a_tokenizer_that_renders_as_glm4(chatml):
+    """GLM-4's per-message rule for the demo's (GLM-4's) template; the tokenizer's own template for ChatML,
+    and for GLM-4.6, which starts with [gMASK]<sop> too but renders turns otherwise (reasoning, no
+    metadata line); explicit names stay as given."""
+    from pathlib import Path
+
+    from trainer.templates import resolve_template
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "templates"
+    demo = data.load_tokenizer("demo")
+    glm46 = data.load_tokenizer("demo")
+    glm46.chat_template = (fixtures / "GLM-4.6.jinja").read_text()
+    assert resolve_template("auto", demo) == "glm4"
+    assert resolve_template("auto", glm46) == "chat_template"
+    assert resolve_template("auto", chatml) == "chat_template"
+    assert resolve_template("glm4", chatml) == "glm4"
+    assert resolve_template("chat_template", demo) == "chat_template"
+    assert data.make_template("auto", demo, "all").name == "glm4"
+    assert data.make_template("auto", glm46, "all").name == "chat_template"

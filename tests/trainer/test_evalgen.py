@@ -361,3 +361,15 @@ def test_generation_batches_fit_the_token_budget():
     assert [[len(p.ids) for p in b] for b in batches] == [[95], [50], [40, 30], [20, 10, 5]]
     for b in batches:  # rows x (longest prompt + new tokens), or a single row however long
         assert len(b) == 1 or len(b) * (max(len(p.ids) for p in b) + 10) <= 100
+
+
+def test_reasoning_answers_are_scored_on_their_final_answer():
+    """The reference of reasoning data holds its reasoning; the model's own reasoning never matches it
+    word for word, so exact_match compared whole turns was 0 whatever the answers."""
+    reference = "<think>\nThe capital of France is Paris.\n</think>\n\nParis."
+    output = "<think>\nFrance... its capital is Paris, I think.\n</think>\n\nParis."
+    scores = ev.answer_scores(output, reference, True)
+    assert scores["exact_match"] and scores["similarity"] == 1.0 and scores["length_ratio"] == 1.0
+    assert not ev.answer_scores("<think>x</think>Rome.", reference, True)["exact_match"]
+    assert ev.answer_scores("Paris.", "Paris.", True)["exact_match"]  # no reasoning: the whole turn
+    assert ev.split_reasoning(reference) == (reference[: reference.index("\n\nParis.")], "\n\nParis.")

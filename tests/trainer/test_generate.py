@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from contextlib import nullcontext
 from pathlib import Path
@@ -50,7 +51,7 @@ def test_adapter_reloads_the_trained_model_exactly(demo_run):
     so the demo's random base weights are reproduced from the saved config."""
     cfg, result = demo_run
     model, tokenizer, saved_cfg = gen.load_adapter(Path(cfg.output_dir) / "best")
-    assert saved_cfg == cfg
+    assert saved_cfg == dataclasses.replace(cfg, template="glm4")  # saved resolved: auto is glm4 for the demo
     head = lm_head_spec(model, check=False)
     val, _ = encode_file(DEMO_VAL_FILE, tokenizer, max_length=cfg.max_length, progress=False)
     batches = make_packed_batches(val, cfg.max_tokens)
@@ -176,3 +177,109 @@ def test_generate_prints_no_deprecation_warning(demo_run, capsys):
     ours = [str(w.message) for w in caught if "is_gradient_checkpointing" not in str(w.message)]
     assert not [m for m in ours if "deprecat" in m.lower()], ours
     assert "deprecated" not in capsys.readouterr().err.lower()
+
+
+TOOL_RECORD = {
+    "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                                "parameters": {"type": "object", "properties": {}}}}],
+    "messages": [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                                          "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "content": '{"temperature": 21}'},
+    ],
+}  # fmt: skip
+
+
+def test_cli_takes_a_conversation_in_the_training_format_with_tools(demo_run, tmp_path, capsys):
+    """A tool-calling record of the training data (tools, tool calls, a tool message) is rendered as
+    training renders it, tools included, and answered; it used to be refused for its tool role."""
+    cfg, _ = demo_run
+    final = str(Path(cfg.output_dir) / "final")
+    conv = tmp_path / "tool.json"
+    conv.write_text(json.dumps(TOOL_RECORD))
+    assert gen.main(["--adapter", final, "--conversation", str(conv), "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+
+    conversation = gen.read_conversation(conv, template="glm4")  # the demo trains with GLM-4's rule
+    model, tokenizer, saved = gen.load_adapter(final)
+    assert saved.template == "glm4"
+    prompt = tokenizer.decode(gen.prompt_ids(tokenizer, conversation.messages, tools=conversation.tools))
+    assert "## get_weather" in prompt and '{"temperature": 21}' in prompt and "<|observation|>" in prompt
+    expected = gen.generate(model, tokenizer, conversation.messages, max_new_tokens=3)
+    assert out.rstrip("\n") == expected
+
+    chat = gen.read_conversation(conv)  # a chat template's form: tools apart, OpenAI tool calls kept
+    assert chat.tools == TOOL_RECORD["tools"] and chat.messages[-1]["role"] == "tool"
+    assert chat.messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+
+
+def test_cli_conversation_errors_name_the_message(demo_run, tmp_path, capsys):
+    cfg, _ = demo_run
+    conv = tmp_path / "bad.json"
+    conv.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "robot"}]}))
+    assert gen.main(["--adapter", cfg.output_dir, "--conversation", str(conv)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --conversation {conv}: message 2: unknown role 'robot'"), err
+    assert "\n" not in err
+
+
+def test_cli_says_when_the_answer_is_empty(demo_run, monkeypatch, capsys):
+    """A whitespace-only answer printed as a blank line looked like nothing happened."""
+    cfg, _ = demo_run
+    _, tokenizer, _ = gen.load_adapter(cfg.output_dir)
+    blank = tokenizer(" \n ", add_special_tokens=False).input_ids
+    monkeypatch.setattr(gen, "generate_ids", lambda *a, **k: blank)
+    assert gen.main(["--adapter", cfg.output_dir, "--prompt", "hi"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "\n"
+    assert f"(empty answer: {len(blank)} new tokens, none of them visible: ' \\n ')" in captured.err
+    monkeypatch.setattr(gen, "generate_ids", lambda *a, **k: [])
+    assert gen.main(["--adapter", cfg.output_dir, "--prompt", "hi"]) == 0
+    assert "(empty answer: the turn ended at once)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- stops derived from the template
+
+
+def test_stop_tokens_are_derived_from_the_chat_template(base_model):
+    """No list: the demo's GLM-4 template ends a turn with the next role token; Gemma 4's ends a tool call
+    with <|tool_response>; evaluation stops where generation does."""
+    import trainer.evalgen as evalgen
+    from tests.trainer.test_templates import family_tokenizer
+
+    _, tokenizer = base_model
+    assert set(tokenizer.convert_ids_to_tokens(sorted(gen.stop_token_ids(tokenizer)))) == {
+        "<|user|>", "<|observation|>", tokenizer.eos_token
+    }  # fmt: skip
+    gemma4 = family_tokenizer("gemma4")
+    stops = set(gemma4.convert_ids_to_tokens(sorted(gen.stop_token_ids(gemma4))))
+    assert stops == {"<turn|>", "<|tool_response>"}
+    assert evalgen.stop_token_ids is gen.stop_token_ids
+
+
+def test_gemma4_tool_call_answer_ends_at_tool_response():
+    """A model with Gemma 4's template stops its tool-call answer at <|tool_response>, as serving engines
+    do: the token is made the argmax from the third step on (its lm_head row twice that of the token
+    greedy decoding picks there); <tool_call|>, which is no stop, is generated through."""
+    from tests.trainer.test_templates import TOOLS, family_tokenizer
+
+    tokenizer = family_tokenizer("gemma4")
+    model, tokenizer = load_model(load_config(FAST), tokenizer=tokenizer)  # the demo sized to its vocabulary
+    model.eval()
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    assert gen.prompt_ids(tokenizer, messages, tools=TOOLS)  # Gemma 4's prompt renders
+    plain = argmax_loop(model, tokenizer, messages, 3)
+    head = model.get_output_embeddings().weight
+    for token, stops in (("<tool_call|>", False), ("<|tool_response>", True)):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        saved = head.data[tid].clone()
+        try:
+            head.data[tid] = 2 * head.data[plain[2]]
+            reference = argmax_loop(model, tokenizer, messages, 10)
+            assert tid in reference
+            ids = gen.generate_ids(model, tokenizer, messages, max_new_tokens=10)
+        finally:
+            head.data[tid] = saved
+        assert ids == (reference[: reference.index(tid)] if stops else reference)

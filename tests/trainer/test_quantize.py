@@ -55,3 +55,12 @@ def test_qlora_trains_on_cpu(tmp_path):
     assert qlora["losses"][0] == pytest.approx(plain["losses"][0], rel=0.05)
     assert qlora["losses"] != plain["losses"]
     assert (tmp_path / "qlora" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_a_qlora_run_says_4_bit_at_start(tmp_path, capsys):
+    args = ["--device", "cpu", "--max-tokens", "128", "--max-length", "128", "--max-steps", "1",
+            "--eval-every", "0", "--save-every", "0", "--val-file", "",
+            "--output-dir", str(tmp_path)]  # fmt: skip
+    train(load_config([*args, "--quantize", "nf4"]))
+    summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("model demo:")]
+    assert len(summary) == 1 and "(base weights frozen in 4-bit NF4: QLoRA)" in summary[0], summary

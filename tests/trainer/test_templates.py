@@ -39,6 +39,12 @@ _DEEPSEEK = [
 _DEEPSEEK += ["<｜tool▁sep｜>", "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>", "<｜tool▁outputs▁begin｜>"]
 _DEEPSEEK += ["<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>", "<｜tool▁outputs▁end｜>"]
 _GPTOSS = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>"]
+_GEMMA4 = ["<|turn>", "<turn|>", "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>"]
+_GEMMA4 += ["<tool_response|>", '<|"|>', "<|channel>", "<channel|>", "<|think|>", "<|image|>"]
+_FALCON3 = ["<|system|>", "<|user|>", "<|assistant|>"]
+_TOOL_TAGS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<tools>", "</tools>"]
+_MINIMAX = ["]~!b[", "]~b]", "[e~[", "<think>", "</think>", "<minimax:tool_call>", "</minimax:tool_call>"]
+_GRANITE = ["<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>", *_TOOL_TAGS]
 
 # The reference: a regular expression whose group 1 is one assistant message as rendered, from
 # after its header through its end-of-turn marker (GLM: up to the next role token, which ends it).
@@ -54,9 +60,21 @@ _TURN = {
     "gptoss": r"<\|start\|>assistant((?:<\|channel\|>analysis<\|message\|>.*?<\|end\|><\|start\|>assistant)?"
     r".*?<\|(?:end|return|call)\|>)",
     "glm": r"<\|assistant\|>(.*?(?:<\|user\|>|<\|observation\|>|$))",
+    # GLM-4.7's generation prompt ends with <think>: not generated, not trained
+    "glm-think": r"<\|assistant\|>(?:<think>)?(.*?(?:<\|user\|>|<\|observation\|>|$))",
+    # Qwen3.5's generation prompt ends with <think>\n
+    "chatml-think": r"<\|im_start\|>assistant\n(?:<think>\n)?(.*?<\|im_end\|>)",
+    # a model turn opens with <|turn>model or goes on after the tool results it asked for; it ends with
+    # <turn|>, or with <|tool_response> where it calls a tool
+    "gemma4": r"(?:<\|turn>model\n|<tool_response\|>(?!<\|tool_response>))"
+    r"(.*?(?:<turn\|>|<\|tool_response>))",
+    # <|assistant|> opens a turn with text (and a tool result); a tool call alone follows the user's line
+    "falcon3": r"(?:<\|assistant\|>\n(?!<tool_response>)|\n\n(?=<tool_call>\n))(.*?<\|endoftext\|>)",
+    "minimax": r"\]~b\]ai\n(?:<think>\n)?(.*?\[e~\[)",
+    "granite": r"<\|start_of_role\|>assistant<\|end_of_role\|>(.*?<\|end_of_text\|>)",
     # V3.1's generation prompt (non-thinking) ends with <think></think>: not generated, not trained;
-    # R1's template writes the answer after tool results with no header
-    "deepseek": r"(?:<｜Assistant｜>(?:<think></think>)?|<｜tool▁outputs?▁end｜>(?!\s*<｜tool▁output))"
+    # R1's template writes the answer (or a next call) after tool results with no header
+    "deepseek": r"(?:<｜Assistant｜>(?:<think></think>)?|<｜tool▁outputs?▁end｜>(?!\s*<｜tool▁output)\s*)"
     r"(.*?<｜end▁of▁sentence｜>)",
 }
 
@@ -135,6 +153,29 @@ FAMILIES = {
         "<｜begin▁of▁sentence｜>",
         "<｜end▁of▁sentence｜>",
     ),
+    # the current families (issue 23)
+    "gemma4": ("google-gemma-4-31B-it.jinja", "gemma4", _GEMMA4, "<bos>", "<turn|>"),
+    "qwen3.5": ("Qwen-Qwen3.5-4B.jinja", "chatml-think", _CHATML, None, "<|im_end|>"),
+    "qwen3-coder": ("Qwen-Qwen3-Coder-30B-A3B-Instruct.jinja", "chatml", _CHATML, None, "<|im_end|>"),
+    "glm4.7-flash": ("zai-org-GLM-4.7-Flash.jinja", "glm-think", _GLM, None, "<|endoftext|>"),
+    "minimax-m2": ("MiniMaxAI-MiniMax-M2.jinja", "minimax", _MINIMAX, "]~!b[", "[e~["),
+    "ministral3": (
+        "mistralai-Ministral-3-14B-Reasoning-2512.jinja",
+        "mistral",
+        [*_MISTRAL, "[THINK]", "[/THINK]", "[IMG]"],
+        "<s>",
+        "</s>",
+    ),
+    "granite4": ("ibm-granite-granite-4.0.jinja", "granite", _GRANITE, None, "<|end_of_text|>"),
+    "falcon3": (
+        "tiiuae-Falcon3-7B-Instruct.jinja",
+        "falcon3",
+        [*_FALCON3, *_TOOL_TAGS],
+        None,
+        "<|endoftext|>",
+    ),
+    # the same template where the tool tags are plain text, not tokens of their own
+    "falcon3-text-tags": ("tiiuae-Falcon3-7B-Instruct.jinja", "falcon3", _FALCON3, None, "<|endoftext|>"),
 }
 
 _CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -167,7 +208,8 @@ TOOLS = [
 
 
 def _call(name, city, i):
-    return {"id": f"call{i:05d}", "type": "function", "function": {"name": name, "arguments": {"city": city}}}
+    # keys in the order the loader writes them: Falcon3's template writes the whole call with tojson
+    return {"type": "function", "function": {"name": name, "arguments": {"city": city}}, "id": f"call{i:05d}"}
 
 
 CONVERSATIONS = {
@@ -201,6 +243,17 @@ CONVERSATIONS = {
             {"role": "tool", "tool_call_id": "call00002", "name": "get_weather", "content": '{"temp": 30}'},
             {"role": "tool", "tool_call_id": "call00003", "name": "get_time", "content": '{"time": "14:05"}'},
             {"role": "assistant", "content": "30 degrees, and it is 14:05."},
+        ],
+    },
+    "tool_steps": {  # a second call after the first one's result: Falcon3 and Gemma 4 write no header for it
+        "tools": TOOLS,
+        "messages": [
+            {"role": "user", "content": "Weather and time in Oslo?"},
+            {"role": "assistant", "content": "", "tool_calls": [_call("get_weather", "Oslo", 4)]},
+            {"role": "tool", "tool_call_id": "call00004", "name": "get_weather", "content": '{"temp": 3}'},
+            {"role": "assistant", "content": "", "tool_calls": [_call("get_time", "Oslo", 5)]},
+            {"role": "tool", "tool_call_id": "call00005", "name": "get_time", "content": '{"time": "09:30"}'},
+            {"role": "assistant", "content": "3 degrees at 09:30."},
         ],
     },
     "content_parts": {
@@ -247,6 +300,11 @@ REFUSED = {
     ("smollm3", "tool_call"): "does not render 'get_weather'",
     ("smollm3", "parallel_calls"): "does not render 'get_weather'",
     ("gpt-oss", "parallel_calls"): "does not render 'get_time'",  # one call per message in harmony
+    ("gemma2", "tool_steps"): "roles must alternate",
+    ("gemma3", "tool_steps"): "roles must alternate",
+    ("phi3.5", "tool_steps"): "does not render 'get_weather'",
+    ("phi4", "tool_steps"): "does not render 'get_weather'",
+    ("smollm3", "tool_steps"): "does not render 'get_weather'",
 }
 
 
@@ -280,7 +338,7 @@ def reference_labels(tok, fmt: str, record: dict, trained: list[int]) -> str:
         if i in trained:
             out += (
                 turn
-                if fmt != "glm" or turn.endswith(("<|user|>", "<|observation|>"))
+                if not fmt.startswith("glm") or turn.endswith(("<|user|>", "<|observation|>"))
                 else turn + tok.eos_token
             )
     return out
@@ -327,7 +385,7 @@ def test_family_labels_match_reference(family, name):
     want = reference_labels(tok, FAMILIES[fam][1], flat, trained)
     assert labelled_text(tok, e) == want
     full = render(tok, flat["messages"], flat.get("tools"))
-    assert tok.decode(e.input_ids).startswith(full) or FAMILIES[fam][1] == "glm"
+    assert tok.decode(e.input_ids).startswith(full) or FAMILIES[fam][1].startswith("glm")
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
@@ -348,3 +406,111 @@ def test_fast_render_equals_apply_chat_template(family, name):
 
 
 _RENDERERS: dict = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Turns with no header, and stops derived from the rendering (issue 23)
+
+
+def _labelled(fam: str, name: str) -> str:
+    tok = family_tokenizer(fam)
+    record = copy.deepcopy(CONVERSATIONS[name])
+    e = encode_conversation(record["messages"], tok, template="chat_template", tools=record.get("tools"))
+    return labelled_text(tok, e)
+
+
+@pytest.mark.parametrize("fam", ["falcon3", "falcon3-text-tags"])
+def test_falcon3_tool_call_alone_is_a_turn_without_header(fam):
+    """Falcon3 writes <|assistant|> only before text: a tool call alone follows the user's line after
+    whitespace. That is the turn (what the model writes), not a refusal."""
+    tok = family_tokenizer(fam)
+    record = CONVERSATIONS["tool_call"]
+    text = render(tok, record["messages"], TOOLS)
+    assert "Weather in Paris?\n\n<tool_call>\n[" in text  # the rendering the rule is for
+    got = _labelled(fam, "tool_call")
+    assert got.startswith('<tool_call>\n[\n  {\n    "type": "function"')
+    assert got.endswith("\n</tool_call><|endoftext|>It is 15 degrees in Paris.<|endoftext|>")
+
+
+def test_gemma4_tool_call_turn_ends_with_tool_response():
+    """Gemma 4 ends a tool-call turn with <|tool_response>, not its eos <turn|>: the arguments, <tool_call|>
+    and that stop are trained; the answer after the results continues the turn with no header."""
+    got = _labelled("gemma4", "tool_call")
+    assert got == (
+        '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|><|tool_response>'
+        "It is 15 degrees in Paris.<turn|>"
+    )
+
+
+def test_gemma4_turn_continued_after_tool_results_keeps_its_reasoning():
+    """A second call after the first one's result continues the model turn with no header; the reasoning
+    Gemma 4 writes before it (<|channel>thought ... <channel|>) is part of what the model writes."""
+    tok = family_tokenizer("gemma4")
+    record = copy.deepcopy(CONVERSATIONS["tool_steps"])
+    record["messages"][3]["reasoning_content"] = "Now the time."
+    e = encode_conversation(record["messages"], tok, template="chat_template", tools=TOOLS)
+    assert labelled_text(tok, e) == (
+        '<|tool_call>call:get_weather{city:<|"|>Oslo<|"|>}<tool_call|><|tool_response>'
+        "<|channel>thought\nNow the time.\n<channel|>"
+        '<|tool_call>call:get_time{city:<|"|>Oslo<|"|>}<tool_call|><|tool_response>3 degrees at 09:30.<turn|>'
+    )
+
+
+# the stops derived from each template: the first is what ends an answer; GLM's end no last turn
+STOPS = {
+    "chatml": (["<|im_end|>"], True),
+    "gemma4": (["<turn|>", "<|tool_response>"], True),
+    "gpt-oss": (["<|return|>", "<|end|>", "<|call|>"], True),
+    "glm4.6": (["<|user|>", "<|observation|>"], False),
+    "glm4.7-flash": (["<|user|>", "<|observation|>"], False),
+    "llama3.1": (["<|eot_id|>"], True),
+    "mistral-small-3.2": (["</s>"], True),
+    "deepseek-v3.1": (["<｜end▁of▁sentence｜>"], True),
+    "falcon3": (["<|endoftext|>"], True),
+    "minimax-m2": (["[e~["], True),
+    "granite4": (["<|end_of_text|>"], True),
+    "phi3.5": (["<|end|>"], True),
+}
+
+
+@pytest.mark.parametrize("fam", sorted(STOPS))
+def test_stops_are_derived_from_the_rendering(fam):
+    from trainer.templates import derive_stops
+
+    tok = family_tokenizer("qwen2.5" if fam == "chatml" else fam)
+    assert derive_stops(tok) == STOPS[fam]
+
+
+def test_headerless_turn_after_other_text_is_still_refused():
+    """Only whitespace, or an added token that closes the previous message, may stand between it and a
+    turn without header; a role written as text is no header we know: one clear error."""
+    tok = family_tokenizer("qwen2.5")
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}Assistant: {{ m['content'] }}<|im_end|>\n"
+        "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    messages = CONVERSATIONS["multi_turn"]["messages"]
+    with pytest.raises(DataError, match="message 3: the rendering has no assistant header for it"):
+        encode_conversation(messages, tok, template="chat_template")
+
+
+def test_stops_line_cross_checks_the_generation_config(tmp_path):
+    import json
+
+    from trainer.templates import ChatTemplate, generation_eos_ids
+
+    tok = family_tokenizer("gemma4")
+    tok.save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert generation_eos_ids(tok) is None
+    assert (
+        ChatTemplate(tok, "all", None).stops_line() == "stops <turn|>, <|tool_response> (from the template)"
+    )
+    ids = [tok.convert_tokens_to_ids(t) for t in ("<turn|>", "<|tool_response>")]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": ids}))
+    assert generation_eos_ids(tok) == ids
+    assert ChatTemplate(tok, "all", None).stops_line().endswith("; generation_config.json agrees")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [ids[0], tok.bos_token_id]}))
+    line = ChatTemplate(tok, "all", None).stops_line()
+    assert line.endswith("; generation_config.json adds <bos>, lacks <|tool_response>"), line
