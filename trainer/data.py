@@ -422,6 +422,8 @@ def encode_file(
         cached = _load_cached(entry)
         if cached is not None:
             ds, summary = cached
+            if summary.skip_example.startswith(f"{summary.path}:"):  # the same content under another name
+                summary.skip_example = f"{path}:{summary.skip_example.removeprefix(f'{summary.path}:')}"
             summary.path, summary.from_cache, summary.seconds = str(path), True, time.perf_counter() - t0
             return ds, summary
 
