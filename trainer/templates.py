@@ -60,6 +60,7 @@ _PROBE_CALL = {
         {"id": "call00001", "type": "function", "function": {"name": _PROBE_NAME, "arguments": {"key": "k7"}}}
     ],
 }
+_PROBE_ASK = {"role": "user", "content": _PROBE_USER}
 _PROBE_OUTPUT = {"role": "tool", "tool_call_id": "call00001", "name": _PROBE_NAME, "content": _PROBE_RESULT}
 
 
@@ -340,11 +341,16 @@ def _split_think(content: str) -> tuple[str, str]:
     return head.split("<think>")[-1].strip(), answer
 
 
+def tokens_re(tokens) -> re.Pattern:
+    """Any of these tokens, longest first (a pattern that matches nothing for none)."""
+    tokens = sorted(set(tokens) - {""}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens)) or "(?!)")
+
+
 def added_token_re(tokenizer) -> re.Pattern:
     """Any added (or special) token of the tokenizer, longest first."""
     added = {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
-    added |= set(getattr(tokenizer, "all_special_tokens", []))
-    return re.compile("|".join(map(re.escape, sorted(added - {""}, key=len, reverse=True))) or "(?!)")
+    return tokens_re(added | set(getattr(tokenizer, "all_special_tokens", [])))
 
 
 def _probe(tokenizer, messages, tools=None, kwargs=None) -> str | None:
@@ -373,7 +379,7 @@ def derive_stops(tokenizer, kwargs=None, added: re.Pattern | None = None) -> tup
     Read from probe renderings: the first added token after an answer (last, then followed by a user
     and by an observation message), and the one that ends a tool call followed by its result."""
     added = added or added_token_re(tokenizer)
-    user = {"role": "user", "content": _PROBE_USER}
+    user = _PROBE_ASK
     answer = {"role": "assistant", "content": _PROBE_ANSWER}
     found: list[re.Match] = []
     last = _probe(tokenizer, [user, answer], kwargs=kwargs)
@@ -401,7 +407,7 @@ def _call_stop(tokenizer, kwargs, added: re.Pattern, text_stops: set, has_final:
     template ends no turn itself (GLM), the first added token after that point (GLM's
     ``<|observation|>``); else the added token that closes the common part (gpt-oss's ``<|call|>``,
     Gemma 4's ``<|tool_response>``, written after a call whether a result follows or not)."""
-    user = {"role": "user", "content": _PROBE_USER}
+    user = _PROBE_ASK
     last = _probe(tokenizer, [user, _PROBE_CALL], [_PROBE_TOOL], kwargs)
     follow = _probe(tokenizer, [user, _PROBE_CALL, _PROBE_OUTPUT], [_PROBE_TOOL], kwargs)
     if last is None or follow is None or _PROBE_USER not in follow:
@@ -461,9 +467,7 @@ class TurnFacts(NamedTuple):
     markers: re.Pattern  # stops, eos and the generation config's eos tokens
     opening: str | None  # what a tool-call turn starts with (``<tool_call>``, ``[TOOL_CALLS]``...)
     call_prefix: str  # what it writes from there to the call's name
-    think: (
-        str  # what the template writes before reasoning it keeps, after the header (``<|channel>thought\n``)
-    )
+    think: str  # what it writes before reasoning it keeps, after the header (``<|channel>thought\n``)
     tails: dict[str, str]  # per role, what the template writes after a message's text (Falcon3 user: ``\n``)
 
 
@@ -483,9 +487,7 @@ class ChatTemplate:
         self.end_id = resolve_end_token(tokenizer, end_token, "chat_template")
         self.has_generation = bool(_GENERATION.search(tokenizer.chat_template))
         self.added = {t.content for t in self.backend.get_added_tokens_decoder().values()}
-        self.added_re = re.compile(
-            "|".join(map(re.escape, sorted(self.added, key=len, reverse=True))) or "(?!)"
-        )
+        self.added_re = tokens_re(self.added)
         ids = generation_eos_ids(tokenizer)
         self.generation_eos = None if ids is None else [tokenizer.convert_ids_to_tokens(i) for i in ids]
         self._headers: dict[str, tuple[str, list[str]]] = {}
@@ -525,8 +527,7 @@ class ChatTemplate:
             prompt, forms = self.header(kwargs)
             stops, final = derive_stops(self.tokenizer, kwargs, self.added_re)
             markers = set(stops) | {self.tokenizer.eos_token} | set(self.generation_eos or ())
-            markers = sorted(markers & self.added, key=len, reverse=True)
-            marker_re = re.compile("|".join(map(re.escape, markers)) or "(?!)")
+            marker_re = tokens_re(markers & self.added)
             opening, prefix, think = self._openings(kwargs, prompt, forms)
             tails = self._tails(kwargs)
             hit = TurnFacts(prompt, forms, stops, final, marker_re, opening, prefix, think, tails)
@@ -560,16 +561,10 @@ class ChatTemplate:
         hit = self._headers.get(key)
         if hit is not None:
             return hit
-        user = [{"role": "user", "content": _PROBE_USER}]
+        user = [_PROBE_ASK]
         plain = render(self.tokenizer, user, kwargs=kwargs)
         prompt = render(self.tokenizer, user, kwargs=kwargs, generation_prompt=True)
-        common = 0
-        while common < min(len(plain), len(prompt)) and plain[common] == prompt[common]:
-            common += 1
-        for m in self.added_re.finditer(prompt):  # never cut inside an added token
-            if m.start() < common < m.end():
-                common = m.start()
-        hdr = prompt[common:]
+        hdr = prompt[_common_prefix(plain, prompt, self.added_re) :]
         cuts = {m.end() for m in self.added_re.finditer(hdr)} | {m.end() for m in re.finditer("\n", hdr)}
         forms = []
         for cut in sorted(cuts | {len(hdr)}, reverse=True):
@@ -602,7 +597,7 @@ class ChatTemplate:
         call turn starts with: its first added token (``<tool_call>``, ``[TOOL_CALLS]``), else its first
         line, between the role (or the user's message, where it writes none) and the call's name, an
         empty reasoning block skipped; and all it writes there."""
-        user = [{"role": "user", "content": _PROBE_USER}]
+        user = [_PROBE_ASK]
         alone = _probe(self.tokenizer, user, [_PROBE_TOOL], kwargs)
         think, segment, markup = "", "", set()  # markup: reasoning's own added tokens
         if forms:
@@ -632,7 +627,7 @@ class ChatTemplate:
 
     def _tails(self, kwargs: dict) -> dict[str, str]:
         """What the template writes after a user's and a tool's text, when the message is the last."""
-        user = {"role": "user", "content": _PROBE_USER}
+        user = _PROBE_ASK
         tails = {}
         for role, probe, tools, probe_text in (
             ("user", [user], None, _PROBE_USER),
@@ -667,9 +662,8 @@ class ChatTemplate:
             start, first, p = -1, -1, pos
             if m["role"] == "assistant" and anchors:
                 tail = facts.tails.get(before, "")
-                start = self._assistant_start(
-                    text, pos, pos + self._matched(text, pos, tail), m, anchors[0], facts
-                )
+                end = pos + _common_prefix(text[pos : pos + len(tail)], tail, self.added_re)
+                start = self._assistant_start(text, pos, end, m, anchors[0], facts)
                 if start < 0 and flags[i]:
                     raise Unexpressible(f"message {i + 1}: the rendering has no assistant header for it")
                 p = max(start, pos)
@@ -691,15 +685,6 @@ class ChatTemplate:
             if first >= 0:
                 pos, before = p, m["role"]
         return out
-
-    def _matched(self, text: str, pos: int, tail: str) -> int:
-        """How much of a message's tail the text at pos has (never part of an added token)."""
-        k = len(os.path.commonprefix([tail, text[pos : pos + len(tail)]]))
-        if k < len(tail):
-            for m in self.added_re.finditer(tail, 0, k + 64):
-                if m.start() < k < m.end():
-                    return m.start()
-        return k
 
     def _assistant_start(self, text: str, pos: int, end: int, m: dict, anchor: str, facts: TurnFacts) -> int:
         """Where an assistant message's turn starts: after its header (found before its first
