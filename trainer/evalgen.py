@@ -157,14 +157,18 @@ def score_answers(scores: list[dict]) -> dict[str, float]:
 
 @torch.no_grad()
 def generate_batch(
-    model, prompts: list[list[int]], stops: set[int], *, max_new_tokens: int, pad_id: int = 0
-) -> list[tuple[list[int], bool]]:
+    model, prompts: list[list[int]], stops: set[int], *, max_new_tokens: int, pad_id: int = 0,
+    world: World = ONE_PROCESS,
+) -> list[tuple[list[int], bool]]:  # fmt: skip
     """Greedy answers to ``prompts`` (token ids) in one batch with a KV cache: for each prompt, the new ids
     (the stop token excluded) and whether a stop token ended them within ``max_new_tokens``.
 
     Prompts are left-padded; the attention mask hides the padding and position ids count real tokens
     only, so every row sees what it would see alone (trainer/generate.py's generate_ids). Finished rows
-    ride along until every row is done. One host sync per new token (the all-done check)."""
+    ride along until every row is done. One host sync per new token (the all-done check). ``world``: the
+    ranks that run every forward pass together (a sharded model): the loop ends when every row of every
+    rank is done, so all of them run the same number of forward passes (gathers) even when a rank-local
+    difference (an argmax tie) ends one rank's rows sooner."""
     with cached_attention(model):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         device = base.get_input_embeddings().weight.device
@@ -191,7 +195,7 @@ def generate_batch(
             lengths = torch.where(stopped, t, lengths)
             done |= stopped
             new[:, t] = token
-            if bool(done.all()):
+            if world.all_true(done.all()):
                 break
             ids = token[:, None]
             mask = torch.cat([mask, mask.new_ones((len(prompts), 1))], dim=1)
@@ -254,10 +258,11 @@ GENERATION_BATCH_FACTOR = 2  # a generation batch holds up to 2 x max_tokens pro
 class GenerationEval:
     """Answers the validation prompts at each evaluation and scores them. Under torchrun every rank answers
     its share of the prompts (sorted by length, dealt round-robin), all answers are gathered on every
-    rank (so every rank takes the same best/early-stop decision) and rank 0 appends them to
-    ``eval_samples.jsonl``. Ranks run their forward passes independently, which data parallel allows. A
-    sharded model (FSDP, ``split=False``) needs every rank in every forward pass: each rank then answers
-    every prompt, in the same batches, and stops when the others do (same weights, same greedy tokens)."""
+    rank and rank 0 appends them to ``eval_samples.jsonl``. Ranks run their forward passes independently,
+    which data parallel allows. A sharded model (FSDP, ``split=False``) needs every rank in every forward
+    pass: each rank then answers every prompt, in the same batches, and a batch ends when it is done on
+    every rank (the same weights give the same greedy tokens, up to ties). Either way trainer/train.py's
+    run_eval logs and judges rank 0's numbers, so every rank takes the same best/ and early-stop verdict."""
 
     def __init__(self, prompts: list[Prompt], tokenizer, stops: set[int], *, max_new_tokens: int,
                  batch_tokens: int, world: World = ONE_PROCESS, autocast=None,
@@ -325,10 +330,11 @@ class GenerationEval:
         start = time.perf_counter()
         answers = []
         mine = self.prompts[self.world.rank :: self.world.size] if self.split else self.prompts
+        together = ONE_PROCESS if self.split else self.world  # the ranks in each forward pass
         for batch in self.batches(mine):
             with self.autocast:
                 results = generate_batch(model, [p.ids for p in batch], self.stops,
-                                         max_new_tokens=self.max_new_tokens)  # fmt: skip
+                                         max_new_tokens=self.max_new_tokens, world=together)  # fmt: skip
             for p, (ids, stopped) in zip(batch, results, strict=True):
                 output = answer_text(self.tokenizer, ids)
                 answers.append({"step": step, "prompt": p.index, "reference": p.reference, "output": output,

@@ -198,6 +198,25 @@ def probe_attention(model: torch.nn.Module, tokens: int = 4) -> bool:
     return True
 
 
+def probe_record(model: torch.nn.Module) -> dict[str, dict]:
+    """What :func:`probe_attention` recorded, per module name: to plan a skeleton of the same model
+    (FSDP's meta-device ranks) exactly as the probed one (:func:`set_probe_record`)."""
+    marks = {}
+    for name, module in _base_model(model).named_modules():
+        mark = {a: getattr(module, a) for a in (_PROBED_ATTR, _RETURNS_ATTR) if hasattr(module, a)}
+        if mark:
+            marks[name] = mark
+    return marks
+
+
+def set_probe_record(model: torch.nn.Module, record: dict[str, dict]) -> None:
+    """Mark ``model``'s modules with another copy's :func:`probe_record` (module names must agree)."""
+    base = _base_model(model)
+    for name, mark in record.items():
+        for attr, value in mark.items():
+            setattr(base.get_submodule(name), attr, value)
+
+
 def _note_return(module: torch.nn.Module, args, output) -> None:
     """Forward hook of the probe: mark an nn.Linear whose forward returns something other than a tensor
     (PEFT's LoRA wrapper adds its update to the base layer's output, so it cannot wrap one)."""
@@ -288,13 +307,14 @@ def _layer_ranges(indices: list[int]) -> str:
 
 
 def enable_varlen_attention(
-    model: torch.nn.Module, backend: str | None = None, *, log=None, dropout: str = "off"
+    model: torch.nn.Module, backend: str | None = None, *, log=None, dropout: str = "off", device=None
 ) -> list[str]:
     """Switch a loaded (possibly PEFT-wrapped) transformers model to packed varlen attention: probe what
     each layer passes to its attention (:func:`probe_attention`), choose a backend for each layer from
     that, remember the plan on the module (the forward checks it), and return the choices as lines (also
     passed to ``log`` when given: print once at start). A config's attention dropout is left out with one
-    line (``dropout="off"``) or refused (``"refuse"``)."""
+    line (``dropout="off"``) or refused (``"refuse"``). ``device``: where the model will run, when its
+    weights are not there yet (a meta skeleton that FSDP fills later); default, where they are."""
     name = register_varlen_attention(backend)
     base = _base_model(model)
     others = other_layer_kinds(base)
@@ -314,7 +334,7 @@ def enable_varlen_attention(
     groups: dict[tuple[str, str], list[int]] = {}
     dropped: set[float] = set()
     for idx, module in attention_modules(base):
-        needs = layer_needs(module, config, weight.dtype, weight.device)
+        needs = layer_needs(module, config, weight.dtype, device or weight.device)
         setattr(module, _NEEDS_ATTR, needs)
         p = getattr(module, _PROBED_ATTR, {}).get("dropout", 0.0)
         if p:
@@ -615,7 +635,7 @@ def lm_head_spec(model: torch.nn.Module, check: bool = True) -> HeadSpec:
         raise ValueError(f"{config.model_type}: a logit scale with an lm_head bias is not supported")
     softcap = getattr(config, "final_logit_softcapping", None) or None
     spec = HeadSpec(head.weight, head.bias, float(softcap) if softcap else None)
-    if check:
+    if check and head.weight.device.type != "meta":  # a skeleton: checked on the real weights
         _check_lm_head(base, *spec)
     return spec
 
@@ -670,7 +690,9 @@ def _say(line: str) -> None:
         print(line, flush=True)
 
 
-def prepare_model(cfg, *, device=None, for_training=True, model=None, tokenizer=None, log=_say):
+def prepare_model(
+    cfg, *, device=None, for_training=True, model=None, tokenizer=None, log=_say, plan_device=None
+):
     """(model, tokenizer, head): the one model setup of training, ``check``, ``generate`` and benchmarks.
 
     Loads ``cfg.model`` (or takes ``model``, already built, then tokenizer is ``cfg.tokenizer``'s or None)
@@ -698,7 +720,7 @@ def prepare_model(cfg, *, device=None, for_training=True, model=None, tokenizer=
     if not for_training:
         return model.eval(), tokenizer, head
     backend = None if cfg.attn_backend == "auto" else cfg.attn_backend
-    enable_varlen_attention(model, backend, log=log, dropout=cfg.attn_dropout)
+    enable_varlen_attention(model, backend, log=log, dropout=cfg.attn_dropout, device=plan_device)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model, use_reentrant=False)
     model = apply_lora(model, cfg)

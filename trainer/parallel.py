@@ -108,11 +108,13 @@ class FullySharded(Single):
     name = "fsdp"
 
     def __init__(
-        self, world: World, *, compute_dtype: torch.dtype = torch.float32, cpu_offload: bool = False
-    ):
+        self, world: World, *, compute_dtype: torch.dtype = torch.float32, cpu_offload: bool = False,
+        device: torch.device | None = None,
+    ):  # fmt: skip
         super().__init__(world)
         self.compute_dtype = compute_dtype
         self.cpu_offload = cpu_offload
+        self.device = device  # where the model computes (None: where wrap finds its head)
 
     def wrap(self, model):
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -131,6 +133,8 @@ class FullySharded(Single):
         base = model.get_base_model()
         decoder = base.get_decoder()
         embed, head = base.get_input_embeddings(), base.get_output_embeddings()
+        if self.device is None:  # before sharding: with CPU offload the shards go to the CPU
+            self.device = head.weight.device
         for layer in decoder.layers:
             fully_shard(layer, **policy)
         if head.weight is embed.weight:  # tied: one group holds the shared weight for both
@@ -176,9 +180,10 @@ class FullySharded(Single):
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)
         if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
+            norm = norm.full_tensor()  # with CPU offload a CPU tensor: the process group's gloo reduces it
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        return norm
+        # on the device of the step's loss (the loop stacks the two), also when the gradients are offloaded
+        return norm if self.device is None else norm.to(self.device)
 
     def save_state(self, model, optimizer, directory):
         import torch.distributed.checkpoint as dcp
@@ -218,11 +223,13 @@ def _state_options(full: bool, strict: bool = True):
     return StateDictOptions(full_state_dict=full, cpu_offload=full, ignore_frozen_params=True, strict=strict)
 
 
-def make_strategy(parallel: str, world: World, *, compute_dtype=torch.float32, cpu_offload=False) -> Single:
+def make_strategy(
+    parallel: str, world: World, *, compute_dtype=torch.float32, cpu_offload=False, device=None
+) -> Single:
     """The strategy ``parallel`` (``ddp`` or ``fsdp``) names for ``world``; one process is ``Single``
     whatever it says."""
     if world.size == 1:
         return Single(world)
     if parallel == "fsdp":
-        return FullySharded(world, compute_dtype=compute_dtype, cpu_offload=cpu_offload)
+        return FullySharded(world, compute_dtype=compute_dtype, cpu_offload=cpu_offload, device=device)
     return DataParallel(world)

@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -40,13 +40,14 @@ from tqdm import tqdm
 
 from trainer import evalgen, make_callable  # evalgen: generation-based validation
 from trainer.config import TrainConfig, config_to_dict, save_config
-from trainer.distributed import World, close_world, init_world
+from trainer.distributed import ONE_PROCESS, World, close_world, init_world
 from trainer.lock import output_dir_lock
-from trainer.model import decoder_hidden_states, prepare_model, resolve_dtype
+from trainer.model import decoder_hidden_states, prepare_model, resolve_device, resolve_dtype
 from trainer.packing import PackedBatch, collate_packed, epoch_rows, make_packed_batches, pack
 from trainer.parallel import Single, load_cpu, make_strategy
 from trainer.reporting import Reporters, TokenAccuracy
 from trainer.resume import apply_overrides, compare_with_checkpoint
+from trainer.sharded_load import fill_shards, load_skeleton
 from tritrain_kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
 
 
@@ -240,17 +241,19 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def _sharded_save(world: World, final: Path, write) -> None:
-    """Every rank calls write(tmp) into one temporary directory; after a barrier rank 0 renames it to
-    ``final``, so a crash of any rank mid-save leaves the previous ``final`` (or none)."""
+    """Every rank calls write(tmp) into one temporary directory; once all have, rank 0 renames it to
+    ``final``, so a crash of any rank mid-save leaves the previous ``final`` (or none). Each part ends
+    with the ranks agreeing (``World.all_or_none``): a rank whose part fails (a full disk, rank 0's
+    rename) stops every rank with its error instead of leaving them in the next collective."""
     tmp = final.with_name(f".tmp-{final.name}")
-    if world.is_main:
-        _tmp_dir(final)
-    world.barrier()
-    write(tmp)
-    world.barrier()
-    if world.is_main:
-        _publish(tmp, final)
-    world.barrier()
+    with world.all_or_none():
+        if world.is_main:
+            _tmp_dir(final)
+    with world.all_or_none():
+        write(tmp)
+    with world.all_or_none():
+        if world.is_main:
+            _publish(tmp, final)
 
 
 def save_adapter(model, tokenizer, cfg: TrainConfig, path: Path, state_dict: dict | None = None) -> None:
@@ -342,14 +345,18 @@ class Run:
                 self.reporters.log(record)
 
 
-def setup_model(cfg: TrainConfig, say=print, tokenizer=None):
-    """(model, tokenizer, the head's softcap): the model with packed attention per layer and LoRA;
-    ``tokenizer``: the one the data was read with (None: loaded here)."""
+def setup_model(cfg: TrainConfig, say=print, tokenizer=None, world: World = ONE_PROCESS):
+    """(model, tokenizer, the head's softcap, rank 0's host copy or None): the model with packed attention
+    per layer and LoRA; ``tokenizer``: the one the data was read with (None: loaded here). Under FSDP with
+    several ranks the model is a meta-device skeleton that :func:`fill_shards` fills after sharding."""
     try:
+        if cfg.parallel == "fsdp" and world.size > 1:
+            model, tokenizer, head, host = load_skeleton(cfg, world, tokenizer, say)
+            return model, tokenizer, head.softcap, host
         model, tokenizer, head = prepare_model(cfg, log=say, tokenizer=tokenizer)
     except (ValueError, OSError) as e:  # unsupported model or head, missing path, bad LoRA target
         raise TrainingError(f"model {cfg.model}: {' '.join(str(e).split())}") from e
-    return model, tokenizer, head.softcap
+    return model, tokenizer, head.softcap, None
 
 
 def setup_tokenizer(cfg: TrainConfig):
@@ -424,15 +431,18 @@ def setup(cfg: TrainConfig, world: World) -> Run:
         raise TrainingError(f"train_file {cfg.train_file}: no conversation left to train on (see above)")
     val_data = encode(cfg.val_file, DEMO_VAL_FILE) if cfg.val_file else []
 
-    model, tokenizer, softcap = setup_model(cfg, say=say, tokenizer=tokenizer)
+    model, tokenizer, softcap, host = setup_model(cfg, say=say, tokenizer=tokenizer, world=world)
     flops = FlopCounter(model)  # the whole model, before any sharding
     base = model.get_base_model()
     for name, data in ((cfg.train_file, train_data), (cfg.val_file, val_data)):
         _check_labels(data, base.get_output_embeddings().out_features, name)
-    device = base.get_output_embeddings().weight.device
+    device = base.get_output_embeddings().weight.device if host is None else resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    strategy = make_strategy(cfg.parallel, world, compute_dtype=dtype, cpu_offload=cfg.fsdp_cpu_offload)
+    strategy = make_strategy(cfg.parallel, world, compute_dtype=dtype, cpu_offload=cfg.fsdp_cpu_offload,
+                             device=device)  # fmt: skip
     model = strategy.wrap(model)
+    if host is not None:  # the skeleton's shards get storage and rank 0's weights
+        fill_shards(model, host, world, device, offload=cfg.fsdp_cpu_offload)
     model.train()
     head = LiveHead(base.get_output_embeddings(), softcap, strategy)
 
@@ -466,35 +476,38 @@ def resume(run: Run) -> None:
     settings, or refused a fresh run over an old one's checkpoints); then rewrite metrics.jsonl up to
     the step resumed from."""
     cfg, out = run.cfg, run.out
-    path = find_checkpoint(cfg)
+    with run.world.all_or_none():  # what each rank reads alone, before the collective load: agreed on
+        path = find_checkpoint(cfg)
     if path is not None:
         load_checkpoint(run, path)
         run.say(f"resumed from {path} at step {run.state['step']}")
     elif cfg.resume == "auto":
         run.say(f"resume auto: no checkpoint in {out}, starting fresh")
-    run.records = _read_metrics(out / "metrics.jsonl", run.state["step"])
-    run.world.barrier()  # every rank has read the previous run's metrics before rank 0 rewrites them
-    if run.world.is_main:
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run.records))
-        save_config(cfg, out / "train_config.yaml")
-    run.reporters = Reporters(cfg, out, enabled=run.world.is_main)
-    # the validation prompts answered at each evaluation (None when eval_generate is 0); under FSDP every
-    # rank answers every prompt, since each forward pass needs all ranks
-    run.generation = evalgen.GenerationEval.setup(
-        cfg,
-        run.tokenizer,
-        run.model,
-        run.world,
-        run.autocast,
-        out,
-        run.state["step"],
-        split=run.strategy.name != "fsdp",
-    )
+    with run.world.all_or_none():  # every rank reads the previous run's metrics before rank 0 rewrites them
+        run.records = _read_metrics(out / "metrics.jsonl", run.state["step"])
+    with run.world.all_or_none():  # rank 0's writes and the reporters: a failure stops every rank
+        if run.world.is_main:
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run.records))
+            save_config(cfg, out / "train_config.yaml")
+        run.reporters = Reporters(cfg, out, enabled=run.world.is_main)
+        # the validation prompts answered at each evaluation (None when eval_generate is 0); under FSDP
+        # every rank answers every prompt, since each forward pass needs all ranks
+        run.generation = evalgen.GenerationEval.setup(
+            cfg,
+            run.tokenizer,
+            run.model,
+            run.world,
+            run.autocast,
+            out,
+            run.state["step"],
+            split=run.strategy.name != "fsdp",
+        )
 
 
 def save_checkpoint(run: Run) -> Path:
     """checkpoint-<step>/: the strategy's model and optimizer state (sharded under FSDP), the scheduler,
-    each rank's random state, state.json and the config; written atomically (every rank calls this)."""
+    each rank's random state, state.json and the config; written atomically (every rank calls this; a
+    failure on any rank stops every rank, see ``_sharded_save``)."""
     path = run.out / f"checkpoint-{run.state['step']:06d}"
 
     def write(tmp: Path) -> None:
@@ -510,22 +523,28 @@ def save_checkpoint(run: Run) -> Path:
 
 
 def load_checkpoint(run: Run, path: Path) -> None:
-    """Every rank loads the same checkpoint and its own random state."""
-    saved_cfg = yaml.safe_load((path / "train_config.yaml").read_text())
-    changed = compare_with_checkpoint(saved_cfg, run.cfg, path)  # trainer/resume.py
-    state = json.loads((path / "state.json").read_text())
-    saved_world = state.setdefault("world_size", 1)  # checkpoints from before multi-process runs: one
-    if saved_world != run.world.size:  # a step is grad_accum rows per process: other steps, other schedule
-        raise TrainingError(
-            f"resume: {path} was made with {saved_world} processes, this run has {run.world.size}; "
-            "use the same number of processes or start a fresh output_dir"
-        )
-    if not (path / f"rng-rank{run.world.rank}.pt").is_file():
-        raise TrainingError(f"resume: {path} has no rng-rank{run.world.rank}.pt (made by an older version of "
-                            "the trainer, or incomplete); start a fresh output_dir")  # fmt: skip
-    run.strategy.load_state(run.model, run.optimizer, path)
-    run.scheduler.load_state_dict(load_cpu(path / "scheduler.pt")["scheduler"])
-    set_rng_state(load_cpu(path / f"rng-rank{run.world.rank}.pt"), run.device)
+    """Every rank loads the same checkpoint and its own random state. Each rank reads its own files
+    first; the ranks agree on that (``World.all_or_none``) before the load, which is collective under
+    FSDP: a rank missing its file stops every rank with its one-line error."""
+    rank = run.world.rank
+    with run.world.all_or_none():
+        saved_cfg = yaml.safe_load((path / "train_config.yaml").read_text())
+        changed = compare_with_checkpoint(saved_cfg, run.cfg, path)  # trainer/resume.py
+        state = json.loads((path / "state.json").read_text())
+        saved_world = state.setdefault("world_size", 1)  # checkpoints from before multi-process runs: one
+        if saved_world != run.world.size:  # a step is grad_accum rows per process: other steps and schedule
+            raise TrainingError(
+                f"resume: {path} was made with {saved_world} processes, this run has {run.world.size}; "
+                "use the same number of processes or start a fresh output_dir"
+            )
+        if not (path / f"rng-rank{rank}.pt").is_file():
+            raise TrainingError(f"resume: {path} has no rng-rank{rank}.pt (made by an older version of "
+                                "the trainer, or incomplete); start a fresh output_dir")  # fmt: skip
+        rng = load_cpu(path / f"rng-rank{rank}.pt")
+    with run.world.all_or_none():  # every rank reaches the load; what fails after it stops every rank
+        run.strategy.load_state(run.model, run.optimizer, path)
+        run.scheduler.load_state_dict(load_cpu(path / "scheduler.pt")["scheduler"])
+        set_rng_state(rng, run.device)
     if overrides := apply_overrides(changed, run.cfg, run.optimizer, run.scheduler):
         run.say(overrides)
     run.state = state
@@ -619,6 +638,9 @@ def run_eval(run: Run) -> bool:
     record = {"step": state["step"], "val_loss": val, **run.accuracy.take(run.strategy, "val")}
     if run.generation is not None:
         record |= run.generation.run(run.model, state["step"])
+    # every rank logs and judges rank 0's numbers: the generation metrics are each rank's own (an argmax
+    # tie may differ), and saving best/ is a collective under FSDP, so the verdict must be one
+    record = run.world.from_main(record)
     run.log(record)
     # best/ and patience follow cfg.metric_for_best; the over-fitting guard (trainer/evalgen.py)
     verdict = evalgen.judge(
@@ -632,11 +654,12 @@ def run_eval(run: Run) -> bool:
 
 
 def save_final_adapter(run: Run, path: Path) -> None:
-    """A standard PEFT adapter (gathered whole under FSDP; every rank calls this, rank 0 writes)."""
-    adapter = run.strategy.adapter_state(run.model)
-    if run.world.is_main:
-        save_adapter(run.model, run.tokenizer, run.cfg, path, adapter)
-    run.world.barrier()
+    """A standard PEFT adapter (gathered whole under FSDP; every rank calls this, rank 0 writes; its
+    failure stops every rank)."""
+    with run.world.all_or_none():
+        adapter = run.strategy.adapter_state(run.model)
+        if run.world.is_main:
+            save_adapter(run.model, run.tokenizer, run.cfg, path, adapter)
 
 
 def next_steps(run: Run):
@@ -659,7 +682,9 @@ def train(cfg: TrainConfig) -> dict:
     except ValueError as e:
         raise TrainingError(str(e)) from None
     try:
-        with output_dir_lock(cfg.output_dir, enabled=world.is_main, say=tqdm.write):  # trainer/lock.py
+        with ExitStack() as lock:
+            with world.all_or_none():  # rank 0 takes the lock (trainer/lock.py); busy: every rank stops
+                lock.enter_context(output_dir_lock(cfg.output_dir, enabled=world.is_main, say=tqdm.write))
             return _train(cfg, world)
     finally:
         close_world(world)
@@ -745,11 +770,11 @@ def finish(run: Run, stop_reason: str, last_eval: int | None, last_saved: int) -
     if state["step"] > last_saved:
         save_checkpoint(run)
     save_final_adapter(run, out / "final")
-    if world.is_main:
-        plot_losses(run.records, out / "loss.png")
-    if run.reporters is not None:
-        run.reporters.close()
-    world.barrier()
+    with world.all_or_none():
+        if world.is_main:
+            plot_losses(run.records, out / "loss.png")
+        if run.reporters is not None:
+            run.reporters.close()
     if cfg.save_merged:
         # rank 0 merges after every rank has left the process group: nobody waits in a collective
         # (under NCCL its 10-minute timeout is shorter than a large model's merge and save)

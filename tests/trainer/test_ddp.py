@@ -3,6 +3,7 @@ same losses, gradients (their norm, every step), validation losses, generated an
 alone writes; resume works, also after kill -9 and across 2 "nodes" joined by torchrun's c10d rendezvous."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -17,9 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.config import load_config
+import trainer.distributed as distributed
+from trainer.config import ConfigError, load_config
 from trainer.data import DEMO_TRAIN_FILE, DEMO_VAL_FILE, encode_file
 from trainer.distributed import close_world, init_world
+from trainer.lock import OutputDirBusy, output_dir_lock
 from trainer.model import apply_lora, enable_varlen_attention, lm_head_spec, load_model
 from trainer.packing import make_packed_batches
 from trainer.parallel import FullySharded
@@ -30,8 +33,11 @@ from trainer.train import (
     data_parallel_step,
     forward_backward,
     parallel_step,
+    resume,
     rng_state,
+    run_eval,
     set_rng_state,
+    setup,
     train,
 )
 from tritrain_kernels import masked_linear_cross_entropy
@@ -221,6 +227,9 @@ def _step_worker(rank: int, port: int, out: Path) -> None:
                 else:
                     loss, stop = parallel_step(model, group, head, masked_linear_cross_entropy, CPU,
                                                nullcontext(), strategy, interrupt=rank == 1)  # fmt: skip
+                    # the norm all-reduces the (offloaded: CPU) gradient shards; inf: nothing clipped
+                    params = [p for p in model.parameters() if p.requires_grad]
+                    results[parallel][case + " norm"] = strategy.grad_norm(params, math.inf).clone()
                 results[parallel][case] = (loss.clone(), stop, _grads(model))
         # each rank saves its own random state into one checkpoint and gets it back
         torch.manual_seed(100 + rank)
@@ -252,7 +261,11 @@ def _compare_step(model, head, rows, ranks: list[dict], parallel: str) -> None:
     for case, group in (("5 rows", rows), ("1 row", rows[:1])):
         loss = forward_backward(model, group, head, masked_linear_cross_entropy, CPU, nullcontext())
         reference = _grads(model)
+        norm = torch.cat([g.reshape(-1) for g in reference.values()]).double().norm()
         for rank, results in enumerate(ranks):
+            if case + " norm" in results:
+                msg = f"{parallel} {case} rank {rank} grad norm"
+                torch.testing.assert_close(results[case + " norm"].double(), norm, rtol=1e-5, atol=0, msg=msg)
             got_loss, stop, grads = results[case]
             assert stop  # rank 1 asked: every rank stops
             torch.testing.assert_close(
@@ -299,3 +312,185 @@ def test_fsdp_resumes_after_kill_9_on_two_nodes(runs):
     for key in ("loss", "grad_norm", "val_loss"):
         _close([r[key] for r in resumed if key in r], [r[key] for r in full if key in r])
     _same_adapter(tmp / "fsdp" / "final", out / "final")
+
+
+# ---------------------------------------------------------------------- the process group and agreement
+
+
+def test_the_process_group_has_gloo_beside_nccl_on_cuda(monkeypatch):
+    """With FSDP's CPU offload the gradients are CPU DTensors: the grad norm's all-reduce needs a CPU
+    backend in the process group, so CUDA runs get nccl for GPU tensors and gloo for CPU ones (issue 25
+    item 2)."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: asked.append(kwargs))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert init_world("auto").rank == 1 and init_world("cuda").size == 2
+    init_world("cpu")
+    assert [kwargs["backend"] for kwargs in asked] == ["cuda:nccl,cpu:gloo", "cuda:nccl,cpu:gloo", "gloo"]
+    assert distributed.process_group_backend(use_cuda=False) == "gloo"
+
+
+def _spawn_within(worker, args: tuple, *, ready: list[Path], seconds: float) -> None:
+    """Start 2 processes of ``worker``; once every path of ``ready`` exists (start-up: imports, model),
+    they must all end within ``seconds``, else they are killed and the test fails (a hang)."""
+    context = torch.multiprocessing.spawn(worker, args=args, nprocs=2, join=False)
+    try:
+        start_up = time.monotonic() + 300
+        while not all(p.exists() for p in ready):
+            alive = all(p.is_alive() for p in context.processes)
+            assert alive and time.monotonic() < start_up, "a process ended or hung before it was ready"
+            time.sleep(0.05)
+        deadline = time.monotonic() + seconds
+        while not context.join(timeout=0.5):
+            assert time.monotonic() < deadline, f"the processes did not end within {seconds} s: a hang"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+
+
+def _as_rank(rank: int, port: int) -> None:
+    """This process as rank ``rank`` of 2, as torchrun would describe it."""
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+
+
+def _join(rank: int, port: int) -> distributed.World:
+    _as_rank(rank, port)
+    return init_world("cpu")
+
+
+class Unpicklable(Exception):
+    def __reduce__(self):
+        raise TypeError("not picklable")
+
+
+def _agreement_worker(rank: int, port: int, out: Path) -> None:
+    world = _join(rank, port)
+    (out / f"ready{rank}").touch()
+    seen = []
+    try:
+        for failing, error in ((None, None), (1, ConfigError("resume: one line")), (0, Unpicklable("a\nb"))):
+            try:
+                with world.all_or_none():
+                    if rank == failing:
+                        raise error
+                seen.append(None)
+            except Exception as e:
+                seen.append((type(e).__name__, str(e)))
+        seen.append(world.all_true(torch.tensor(rank == 0)))
+        seen.append(world.all_true(torch.tensor(True)))
+        seen.append(world.from_main(f"rank {rank}"))
+        (out / f"seen{rank}.json").write_text(json.dumps(seen))
+    finally:
+        close_world(world)
+
+
+def test_a_rank_local_failure_stops_every_rank_with_its_line(tmp_path):
+    """World.all_or_none: the failing rank raises its own error, the others the same class and message;
+    an error that does not pickle travels as a RuntimeError with its one line (issue 25 item 7)."""
+    ready = [tmp_path / "ready0", tmp_path / "ready1"]
+    _spawn_within(_agreement_worker, (_free_port(), tmp_path), ready=ready, seconds=60)
+    seen = [json.loads((tmp_path / f"seen{rank}.json").read_text()) for rank in (0, 1)]
+    line = ["ConfigError", "resume: one line"]
+    assert seen[0] == [None, line, ["Unpicklable", "a\nb"], False, True, "rank 0"]
+    assert seen[1] == [None, line, ["RuntimeError", "Unpicklable: a b"], False, True, "rank 0"]
+
+
+def _small_data(data: Path) -> Path:
+    data.mkdir(exist_ok=True)
+    (data / "train.jsonl").write_text("\n".join(DEMO_TRAIN_FILE.read_text().splitlines()[:16]) + "\n")
+    (data / "val.jsonl").write_text("\n".join(DEMO_VAL_FILE.read_text().splitlines()[:6]) + "\n")
+    return data
+
+
+def _busy_worker(rank: int, port: int, data: Path, out: Path) -> None:
+    _as_rank(rank, port)  # train() joins the group
+    (out.parent / f"ready{rank}").touch()
+    try:
+        train(load_config([*_args(data, out, grad_accum=1), "--max-steps", "1"]))
+        result = "trained"
+    except Exception as e:
+        result = f"{type(e).__name__}: {e}"
+    (out.parent / f"result{rank}.txt").write_text(result)
+
+
+def test_a_busy_output_dir_stops_every_rank(tmp_path):
+    """Rank 0 alone takes the output_dir lock: when it is busy, every rank stops with rank 0's line at
+    once, instead of rank 1 loading the model and waiting in the first collective (issue 25 item 7)."""
+    data, out = _small_data(tmp_path / "data"), tmp_path / "out"
+    with output_dir_lock(out):
+        ready = [tmp_path / "ready0", tmp_path / "ready1"]
+        _spawn_within(_busy_worker, (_free_port(), data, out), ready=ready, seconds=60)
+    results = [(tmp_path / f"result{rank}.txt").read_text() for rank in (0, 1)]
+    assert results[0] == results[1], results
+    assert results[0].startswith(f"{OutputDirBusy.__name__}: output_dir {out} is in use by process ")
+
+
+@pytest.mark.slow  # a one-process run, then 2 torchrun "nodes" (~40 s on 2 busy CPU cores)
+def test_a_rank_missing_its_random_state_stops_both_ranks_with_one_line(tmp_path):
+    """Resume where rank 1's rng-rank1.pt is missing: rank 1 cannot load, and rank 0 must not go on into
+    the collectives; both end at once with the one-line error (exit status 2) (issue 25 item 7)."""
+    data, out = _small_data(tmp_path / "data"), tmp_path / "out"
+    args = [*_args(data, out, grad_accum=1), "--max-steps", "2", "--save-every", "1", "--eval-every", "0"]
+    train(load_config(args))  # the checkpoints of one process: the newest made as if by 2
+    checkpoint = out / "checkpoint-000002"
+    state = json.loads((checkpoint / "state.json").read_text())
+    (checkpoint / "state.json").write_text(json.dumps({**state, "world_size": 2}))
+    assert (checkpoint / "rng-rank0.pt").is_file() and not (checkpoint / "rng-rank1.pt").exists()
+    endpoint = f"127.0.0.1:{_free_port()}"
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    nodes = [_node(endpoint, [*args, "--resume", "auto"], log) for log in logs]
+    try:
+        codes = [node.wait(timeout=180) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    texts = [log.read_text() for log in logs]
+    line = f"error: resume: {checkpoint} has no rng-rank1.pt (made by an older version of the trainer"
+    for text in texts:  # each node: its process printed the line and ended with status 2
+        assert line in text and "exitcode  : 2" in text and codes != [0, 0], text[-3000:]
+
+
+def _eval_worker(rank: int, port: int, data: Path, out: Path) -> None:
+    world = _join(rank, port)
+    try:
+        args = [*_args(data, out, grad_accum=1), "--parallel", "fsdp", "--eval-generate", "2",
+                "--eval-max-new-tokens", "6", "--metric-for-best", "stop_rate"]  # fmt: skip
+        run = setup(load_config(args), world)
+        resume(run)
+        # a rank-local difference in the answers: rank 0's end at their first token, rank 1's never
+        vocab = run.model.get_base_model().get_output_embeddings().out_features
+        run.generation.stops = set(range(vocab)) if rank == 0 else set()
+        run.state.update(best_val=9.0, best_metric=0.5, best_by="stop_rate")  # the best so far: 0.5
+        (out / f"ready{rank}").touch()
+        stop = run_eval(run)
+        (out / f"eval{rank}.json").write_text(json.dumps({"state": run.state, "stop": stop}))
+        (out / f"record{rank}.json").write_text(json.dumps(run.records[-1]))
+    finally:
+        close_world(world)
+
+
+def test_fsdp_generation_eval_ends_together_and_agrees_on_best(tmp_path):
+    """FSDP: every rank answers every prompt, and each forward pass gathers the weights from all ranks.
+    A rank whose answers end sooner keeps decoding until every rank is done, and every rank takes rank
+    0's numbers, so the best/ verdict (a collective save) is one (issue 25 item 4). Before: rank 0 left
+    its decode loop first and the ranks hung in mismatched gathers."""
+    data, out = _small_data(tmp_path / "data"), tmp_path / "out"
+    out.mkdir()
+    ready = [out / "ready0", out / "ready1"]
+    _spawn_within(_eval_worker, (_free_port(), data, out), ready=ready, seconds=60)
+    verdicts = [json.loads((out / f"eval{rank}.json").read_text()) for rank in (0, 1)]
+    records = [json.loads((out / f"record{rank}.json").read_text()) for rank in (0, 1)]
+    assert records[0] == records[1] and records[0]["stop_rate"] == 1.0  # rank 0's answers
+    assert verdicts[0] == verdicts[1] and verdicts[0]["state"]["best_metric"] == 1.0
+    assert (out / "best" / "adapter_model.safetensors").is_file()
+    samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert [s["stopped"] for s in samples] == [True, True] and [s["output"] for s in samples] == ["", ""]

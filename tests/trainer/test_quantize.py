@@ -64,3 +64,23 @@ def test_a_qlora_run_says_4_bit_at_start(tmp_path, capsys):
     train(load_config([*args, "--quantize", "nf4"]))
     summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("model demo:")]
     assert len(summary) == 1 and "(base weights frozen in 4-bit NF4: QLoRA)" in summary[0], summary
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_a_model_directory_loads_with_trust_remote_code_as_set(monkeypatch, trust):
+    """load_nf4 passes cfg.trust_remote_code to from_pretrained, as load_model does (issue 25 item 8)."""
+    import transformers
+
+    from trainer import quantize
+
+    seen = {}
+
+    def from_pretrained(name, **kwargs):
+        seen.update(kwargs, name=name)
+        return torch.nn.Linear(2, 2)  # any module: _no_cpu_repacking only walks its modules
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    cfg = load_config(["--model", "some-org/some-model", "--trust-remote-code", str(trust).lower()])
+    quantize.load_nf4(cfg, torch.device("cpu"), tokenizer=object())  # a tokenizer given: none is loaded
+    assert seen["name"] == "some-org/some-model" and seen["trust_remote_code"] is trust
+    assert seen["quantization_config"].bnb_4bit_quant_type == "nf4"
