@@ -25,7 +25,7 @@ import torch
 import torch.utils.checkpoint
 
 from trainer.config import ConfigError, TrainConfig, load_config
-from trainer.model import head_scale, hf_reference_attention, prepare_model, resolve_dtype
+from trainer.model import decoder_of, head_scale, hf_reference_attention, prepare_model, resolve_dtype
 from trainer.packing import collate_packed, epoch_rows, pack, pad_collate
 from trainer.train import forward_backward
 from tritrain_kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
@@ -92,7 +92,7 @@ def padded_loss_sum(model, batch, head, autocast, *, chunk_bytes: int = HF_LOSS_
     # A padded batch has an attention_mask; a packed one (HF's padding-free mode) position_ids instead.
     inputs = {k: getattr(batch, k, None) for k in ("input_ids", "attention_mask", "position_ids")}
     with autocast:
-        hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        hidden = decoder_of(base)(**inputs, use_cache=False).last_hidden_state
     labels = torch.nn.functional.pad(batch.labels, (0, 1), value=-100)[:, 1:]  # position t predicts t + 1
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(h.device)

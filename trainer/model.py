@@ -17,8 +17,10 @@ own arguments at run time must agree, so no feature is ever dropped.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,6 +38,7 @@ _DROPOUT_ATTR = "_tritrain_attention_dropout"  # the dropout the probe saw, left
 _RETURNS_ATTR = "_tritrain_returns"  # set by the probe on an nn.Linear whose forward returned no tensor
 _PROBED_ATTR = "_tritrain_probed"  # what the probe forward saw the layer pass to its attention function
 _MASK_WINDOW_ATTR = "_tritrain_mask_window"  # a window the model declares only through its mask (PhiMoE)
+_FROM_POSITIONS_ATTR = "_tritrain_bounds_from_positions"  # its layer passes position_ids but no cu_seq_lens
 
 
 def _varlen_attention_forward(
@@ -54,6 +57,8 @@ def _varlen_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: [1, H, T, D] in, ([1, T, Hq, D], None) out."""
     cu_seqlens, max_seqlen = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu_seqlens is None and getattr(module, _FROM_POSITIONS_ATTR, False) and "position_ids" in kwargs:
+        cu_seqlens, max_seqlen = _bounds_from_positions(kwargs["position_ids"])  # Nemotron
     if cu_seqlens is None or max_seqlen is None:
         raise ValueError(
             f"{ATTN_NAME} attention needs cu_seq_lens_q/k and max_length_q/k in the decoder call; "
@@ -103,6 +108,26 @@ def _varlen_attention_forward(
     return out.unsqueeze(0), None
 
 
+_BOUNDS_CACHE: list = [None, None]  # [weakref to the last position_ids seen, its (cu_seqlens, max_seqlen)]
+
+
+def _bounds_from_positions(position_ids: torch.Tensor | None) -> tuple[torch.Tensor | None, int | None]:
+    """(cu_seqlens int32 [n+1], max_seqlen) of a packed row from its ``position_ids`` [1, T], which restart at
+    0 with each conversation (:class:`trainer.packing.PackedBatch`), for layers the decoder hands only
+    position_ids. The decoder passes one tensor to every layer: computed once per forward (one sync)."""
+    if position_ids is None or position_ids.shape[0] != 1:
+        return None, None
+    last = _BOUNDS_CACHE[0]() if _BOUNDS_CACHE[0] is not None else None
+    if last is not position_ids:
+        positions = position_ids[0]
+        starts = (positions == 0).nonzero().flatten()
+        if starts.numel() == 0 or starts[0].item() != 0:  # not a packed row: no boundaries to read
+            return None, None
+        cu = torch.cat([starts, starts.new_tensor([positions.numel()])]).to(torch.int32)
+        _BOUNDS_CACHE[:] = [weakref.ref(position_ids), (cu, int((cu[1:] - cu[:-1]).max()))]
+    return _BOUNDS_CACHE[1]
+
+
 def register_varlen_attention(backend: str | None = None) -> str:
     """Select how varlen backends are chosen (``tritrain_kernels.varlen_attention.select_backend``) and
     register the attention function with ``transformers.AttentionInterface``; return its name,
@@ -119,6 +144,33 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that maps ``input_ids`` to the final hidden states (``last_hidden_state``): transformers'
+    ``get_decoder()``, unless what that finds is not such a module (ModernBERT-decoder keeps its vocabulary
+    projection, an nn.Linear, in ``self.decoder``), then the base model (``model.<base_model_prefix>``).
+    ValueError, in one line, when neither takes ``input_ids``."""
+    base = _base_model(model)
+    candidates = [
+        base.get_decoder() if hasattr(base, "get_decoder") else None,
+        getattr(base, "base_model", None),
+    ]
+    for module in candidates:
+        if module is not None and module is not base and _takes_input_ids(module):
+            return module
+    raise ValueError(
+        f"{type(base).__name__}: found no decoder module that takes input_ids (get_decoder() is a "
+        f"{type(candidates[0]).__name__}); the packed path needs the final hidden states, so this model is "
+        "not supported"
+    )
+
+
+def _takes_input_ids(module: torch.nn.Module) -> bool:
+    try:
+        return "input_ids" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # no signature to read
+        return False
 
 
 def _is_attention(module: torch.nn.Module) -> bool:
@@ -154,12 +206,16 @@ def _probe_attention(
     s_aux: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function that records what the layer passes (the plan's source) and
-    returns zeros of the right shape: the probe needs the arguments, not the output."""
+    """transformers attention function that records what the layer passes (the plan's source), including
+    whether an attention mask came (the probe's decoder call passes none, so any mask is the layer's own)
+    and whether the decoder's ``cu_seq_lens_q`` reached it, and returns zeros of the right shape: the probe
+    needs the arguments, not the output."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     setattr(module, _PROBED_ATTR, dict(
         causal=causal, window=sliding_window, softcap=softcap, sinks=s_aux is not None,
         dropout=float(dropout or 0.0), head_dim=max(query.shape[-1], value.shape[-1]),
+        mask=attention_mask is not None, varlen=kwargs.get("cu_seq_lens_q") is not None,
+        positions=kwargs.get("position_ids") is not None,
     ))  # fmt: skip
     batch, heads, tokens, _ = query.shape
     return query.new_zeros(batch, tokens, heads, value.shape[-1]), None
@@ -186,7 +242,7 @@ def probe_attention(model: torch.nn.Module, tokens: int = 4) -> bool:
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             base.train()
-            base.get_decoder()(
+            decoder_of(base)(
                 input_ids=ids, position_ids=torch.arange(tokens, device=weight.device).unsqueeze(0),
                 cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=tokens, max_length_k=tokens, use_cache=False,
             )  # fmt: skip
@@ -288,12 +344,14 @@ def other_layer_kinds(model: torch.nn.Module) -> list[str]:
         for kind in getattr(_text_config(base.config), "layer_types", None) or ()
         if kind not in ("full_attention", "sliding_attention")
     }
-    kinds |= {
-        type(m).__name__
-        for m in base.modules()
-        if any(w in type(m).__name__ for w in _OTHER_MIXERS) or type(m).__name__.endswith("Mixer")
-    }
+    kinds |= {type(m).__name__ for m in base.modules() if is_other_mixer(type(m).__name__)}
     return sorted(kinds)
+
+
+def is_other_mixer(class_name: str) -> bool:
+    """Whether a module class, by its name, mixes tokens other than by attention (:data:`_OTHER_MIXERS`,
+    or any ``...Mixer``)."""
+    return any(w in class_name for w in _OTHER_MIXERS) or class_name.endswith("Mixer")
 
 
 def _layer_ranges(indices: list[int]) -> str:
@@ -334,6 +392,7 @@ def enable_varlen_attention(
     groups: dict[tuple[str, str], list[int]] = {}
     dropped: set[float] = set()
     for idx, module in attention_modules(base):
+        _refuse_unpackable(idx, module)
         needs = layer_needs(module, config, weight.dtype, device or weight.device)
         setattr(module, _NEEDS_ATTR, needs)
         p = getattr(module, _PROBED_ATTR, {}).get("dropout", 0.0)
@@ -355,6 +414,12 @@ def enable_varlen_attention(
         f"attention layers {_layer_ranges(indices)}: {chosen} ({features})"
         for (chosen, features), indices in groups.items()
     ]
+    from_positions = [idx for idx, m in attention_modules(base) if getattr(m, _FROM_POSITIONS_ATTR, False)]
+    if from_positions:
+        lines.append(
+            f"attention layers {_layer_ranges(from_positions)}: their decoder layers pass no cu_seq_lens on, "
+            "so conversation boundaries are read from position_ids (each restart at 0 starts one)"
+        )
     if dropped:
         lines.append(
             f"attention dropout {max(dropped):g} (the model's config) is left out: packed attention trains "
@@ -363,6 +428,29 @@ def enable_varlen_attention(
     for line in lines if log is not None else ():
         log(line)
     return lines
+
+
+def _refuse_unpackable(idx: int, module: torch.nn.Module) -> None:
+    """Check, at start, that a layer's probed attention call (:func:`probe_attention`) can keep packed
+    conversations apart. One its decoder layer hands ``position_ids`` but not ``cu_seq_lens_q/k``
+    (Nemotron's calls ``self_attn`` without the decoder's keyword arguments) is marked to read the
+    boundaries from the positions (:func:`_bounds_from_positions`). Refused in one line: one handed neither,
+    and one that makes its own attention mask (Doge's dynamic mask, a learned bias per key), which varlen
+    attention cannot apply."""
+    probed = getattr(module, _PROBED_ATTR, None) or {}
+    name = f"{type(module).__name__} (layer {idx})"
+    if not probed.get("varlen", True) and not probed.get("positions"):
+        raise ValueError(
+            f"{name} is handed neither cu_seq_lens_q/k nor position_ids by its decoder layer, so packed "
+            "conversations would attend to each other; not supported"
+        )
+    if not probed.get("varlen", True):
+        setattr(module, _FROM_POSITIONS_ATTR, True)  # the boundaries are where position_ids restart at 0
+    if probed.get("mask"):
+        raise ValueError(
+            f"{name} builds its own attention mask (given none), which packed varlen attention cannot apply; "
+            "not supported"
+        )
 
 
 def decoder_hidden_states(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
@@ -378,8 +466,7 @@ def decoder_hidden_states(model: torch.nn.Module, batch: PackedBatch) -> torch.T
             f"model attention is {base.config._attn_implementation!r}, not {ATTN_NAME!r}: packed "
             "conversations would attend to each other; call enable_varlen_attention(model) first"
         )
-    decoder = base.get_decoder()
-    out = decoder(
+    out = decoder_of(base)(
         input_ids=batch.input_ids,
         position_ids=batch.position_ids,
         cu_seq_lens_q=batch.cu_seqlens,
@@ -648,8 +735,16 @@ def _check_lm_head(base, weight, bias, softcap) -> None:
     was_training = base.training
     base.eval()
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, weight.shape[0], (1, 8), generator=generator).to(weight.device)
-    hidden = base.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state * head_scale(base)
+    vocab = min(weight.shape[0], base.get_input_embeddings().weight.shape[0])  # Inkling 2: head rows > tokens
+    ids = torch.randint(0, vocab, (1, 8), generator=generator).to(weight.device)
+    hidden = decoder_of(base)(input_ids=ids, use_cache=False).last_hidden_state * head_scale(base)
+    if hidden.shape[-1] != weight.shape[1]:  # ELECTRA, RemBERT: a projection between decoder and head
+        base.train(was_training)
+        raise ValueError(
+            f"{base.config.model_type}: the model's logits are not lm_head(final hidden states): lm_head "
+            f"takes {weight.shape[1]} features, the decoder's final hidden states have {hidden.shape[-1]}; "
+            "the fused loss cannot express this head, so this model is not supported"
+        )
     theirs = base(input_ids=ids, use_cache=False).logits.float()
     mine = torch.nn.functional.linear(hidden, weight, bias).float()
     if softcap is not None:

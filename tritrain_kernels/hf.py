@@ -201,9 +201,24 @@ def _head(causal) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
 
 
 def _decoder(causal) -> torch.nn.Module:
-    if hasattr(causal, "get_decoder"):
-        return causal.get_decoder()
-    return getattr(causal, causal.base_model_prefix)
+    """The module that maps ``input_ids`` to the final hidden states: ``get_decoder()``, unless that is not
+    one (ModernBERT-decoder's ``self.decoder`` is its vocabulary projection), then the base model."""
+    candidates = [causal.get_decoder() if hasattr(causal, "get_decoder") else None]
+    candidates.append(getattr(causal, causal.base_model_prefix, None))
+    for module in candidates:
+        if module is not None and module is not causal and _takes_input_ids(module):
+            return module
+    raise ValueError(
+        f"{type(causal).__name__}: found no decoder module that takes input_ids (get_decoder() is a "
+        f"{type(candidates[0]).__name__}); use_masked_ce needs the final hidden states"
+    )
+
+
+def _takes_input_ids(module: torch.nn.Module) -> bool:
+    try:
+        return "input_ids" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # no signature to read
+        return False
 
 
 @torch.no_grad()
@@ -212,11 +227,18 @@ def _check_head(causal) -> None:
     weight, bias, softcap = _head(causal)
     was_training = causal.training
     causal.eval()
+    embeddings = causal.get_input_embeddings().weight
     try:
-        ids = torch.randint(0, weight.shape[0], (1, 8), generator=torch.Generator().manual_seed(0))
-        ids = ids.to(causal.get_input_embeddings().weight.device)
-        hidden = _decoder(causal)(input_ids=ids, use_cache=False).last_hidden_state
-        theirs = causal(input_ids=ids, use_cache=False).logits.float()
+        vocab = min(weight.shape[0], embeddings.shape[0])  # Inkling 2: more head rows than input tokens
+        ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
+        hidden = _decoder(causal)(input_ids=ids.to(embeddings.device), use_cache=False).last_hidden_state
+        if hidden.shape[-1] != weight.shape[1]:  # ELECTRA, RemBERT: a projection between decoder and head
+            raise ValueError(
+                f"{causal.config.model_type}: the logits are not lm_head(final hidden states): lm_head takes "
+                f"{weight.shape[1]} features, the decoder's final hidden states have {hidden.shape[-1]}; the "
+                "fused loss cannot express this head"
+            )
+        theirs = causal(input_ids=ids.to(embeddings.device), use_cache=False).logits.float()
     finally:
         causal.train(was_training)
     mine = torch.nn.functional.linear(hidden.to(weight.device), weight, bias).float().to(theirs.device)

@@ -21,6 +21,7 @@ from trainer.check import run_check
 from trainer.config import load_config
 from trainer.data import load_tokenizer
 from trainer.train import train
+from tritrain_kernels.hf import use_masked_ce
 
 WINDOW = 24  # keys; the conversations (max_length 160) are 56-160 tokens long, so every window cuts
 COMMON = dict(
@@ -69,6 +70,7 @@ ARCHS = {
     ),  # fmt: skip
     "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),  # a Linear router
     "seed_oss": dict(attention_dropout=0.1),  # trained without it, said once at start
+    "nemotron": {},  # its decoder layer hands attention position_ids but not cu_seq_lens
 }
 FAST = ["--device", "cpu", "--tokenizer", "demo", "--max-tokens", "320", "--max-length", "160"]
 
@@ -99,7 +101,7 @@ def _check(monkeypatch, arch: str, *argv: str, num_batches: int = 1) -> dict:
 # Unmarked: one model per feature (windows, mixed layers, both softcaps, sinks + MoE, logit scales, NoPE,
 # MoE); the others (plain attention, covered feature-wise by these) are slow.
 FEATURED = {"mistral", "gemma2", "gemma3_text", "gpt_oss", "cohere2", "granite", "smollm3", "qwen3_moe",
-            "exaone4", "deepseek_v3", "phimoe"}  # fmt: skip
+            "exaone4", "deepseek_v3", "phimoe", "nemotron"}  # fmt: skip
 ALL = [a if a in FEATURED else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS]
 
 
@@ -217,6 +219,82 @@ def test_hybrids_are_refused_naming_the_other_layer_kind(arch, kind):
     with pytest.raises(ValueError, match=f"has .*{kind}.* layers besides attention") as ei:
         model_module.enable_varlen_attention(model, "auto")
     assert "\n" not in str(ei.value) and "AttentionInterface" not in str(ei.value)
+
+
+def test_boundaries_come_from_position_ids_where_the_layer_drops_cu_seqlens(monkeypatch):
+    """Nemotron's decoder layer calls its attention without the decoder's keyword arguments: refused at run
+    time before (no cu_seq_lens_q), now read from position_ids; one sequence per row instead fails check."""
+    lines = model_module.enable_varlen_attention(tiny_model("nemotron"), "auto")
+    assert lines[-1].startswith("attention layers 0-1: their decoder layers pass no cu_seq_lens on")
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    cu, max_len = model_module._bounds_from_positions(positions)
+    assert cu.tolist() == [0, 3, 5, 9] and cu.dtype == torch.int32 and max_len == 4
+    monkeypatch.setattr(
+        model_module, "_bounds_from_positions", lambda p: (torch.tensor([0, p.shape[1]]), p.shape[1])
+    )
+    r = _check(monkeypatch, "nemotron")
+    assert not r["passed"] and r["loss_rel_diff"] > 10 * r["tolerance"], r
+
+
+def _tiny(arch: str, **fields) -> torch.nn.Module:
+    vocab = len(load_tokenizer("demo"))
+    ids = dict(pad_token_id=0, eos_token_id=0, bos_token_id=0)
+    config = AutoConfig.for_model(arch, vocab_size=vocab, **ids, **{**COMMON, **fields})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).float()
+
+
+def test_a_layer_that_builds_its_own_mask_is_refused_at_start():
+    """Doge adds a learned bias per key through the mask it builds: refused at run time before."""
+    with pytest.raises(ValueError, match=r"DogeAttention \(layer 0\) builds its own attention mask") as ei:
+        model_module.enable_varlen_attention(_tiny("doge"), "auto")
+    assert "\n" not in str(ei.value)
+
+
+def test_a_layer_handed_no_boundaries_at_all_is_refused_at_start():
+    module = torch.nn.Linear(1, 1)
+    setattr(module, model_module._PROBED_ATTR, dict(varlen=False, positions=False, mask=False))
+    with pytest.raises(
+        ValueError, match=r"Linear \(layer 3\) is handed neither cu_seq_lens_q/k nor position_ids"
+    ):
+        model_module._refuse_unpackable(3, module)
+
+
+@pytest.mark.parametrize("arch, width", [("electra", 128), ("rembert", 256)])
+def test_a_head_fed_by_a_projection_is_refused_in_one_line(arch, width):
+    """ELECTRA and RemBERT project the final hidden states to another width before lm_head: a shape error
+    inside the head check before."""
+    model = _tiny(arch, embedding_size=width, output_embedding_size=width)
+    message = f"not lm_head\\(final hidden states\\): lm_head takes {width} features, .* have 64"
+    with pytest.raises(ValueError, match=message) as ei:
+        model_module.lm_head_spec(model)
+    assert "\n" not in str(ei.value)
+    with pytest.raises(ValueError, match=f"lm_head takes {width} features"):
+        use_masked_ce(model)
+
+
+def test_a_head_with_more_rows_than_input_tokens_is_checked_on_tokens_that_exist():
+    """Inkling 2's lm_head has more rows than its embedding (``unpadded_vocab_size``): the head check drew
+    ids from the head's rows, an IndexError in the embedding before."""
+    model = tiny_model("llama")
+    model.config.tie_word_embeddings = False
+    model.lm_head = torch.nn.Linear(64, model.config.vocab_size + 500, bias=False)
+    spec = model_module.lm_head_spec(model)
+    assert spec.weight.shape == (model.config.vocab_size + 500, 64)
+    use_masked_ce(model)
+
+
+def test_a_get_decoder_that_is_not_the_decoder_is_passed_over():
+    """ModernBERT-decoder keeps its vocabulary projection in ``self.decoder``, which get_decoder() returns:
+    called with input_ids before; now the base model is the decoder, and its head (dense, norm, then the
+    projection) is refused in one line."""
+    model = _tiny("modernbert-decoder")
+    assert type(model.get_decoder()) is torch.nn.Linear
+    assert model_module.decoder_of(model) is model.model
+    with pytest.raises(ValueError, match=r"the model's logits are not lm_head\(final hidden states\)"):
+        model_module.lm_head_spec(model)
+    with pytest.raises(ValueError, match=r"the logits are not lm_head\(final hidden states\)"):
+        use_masked_ce(model)
 
 
 # ----------------------------------------------------------------------------------------- MoE and LoRA
