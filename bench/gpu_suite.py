@@ -231,15 +231,65 @@ def correctness(report, device, tiny):
                 for dtype in (torch.float32, torch.bfloat16):
                     if device.type == "cpu" and dtype == torch.bfloat16 and "varlen_attention" in name:
                         continue  # the CPU reference backend is the reference itself
-                    q, k, v, cu, mx = _attn_inputs(lens, 8, 2, 64, dtype, device, seed=sum(lens))
-                    out = fn(q, k, v, cu, mx, causal=True, **extra)
-                    g = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-                    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-                    ref = ref_fn(qd, kd, vd, cu, mx, causal=True, **extra)
-                    gr = torch.autograd.grad(ref, (qd, kd, vd), torch.ones_like(ref))
-                    err = max([rel_err(out, ref)] + [rel_err(a, b) for a, b in zip(g, gr, strict=True)])
+                    err = _attn_error(fn, ref_fn, extra, lens, dtype, device)
                     report.row(s, kernel=name, lengths=str(lens), dtype=str(dtype)[6:], max_rel_err=err,
                                **{"pass": err <= ATTN_TOL[dtype]})  # fmt: skip
+        if "flash_varlen (Triton)" in impls:
+            other_gpu(report, s, device)
+
+
+def _attn_error(fn, ref_fn, extra, lens, dtype, device) -> float:
+    """Largest relative error of the output and of dq, dk, dv against the reference in fp64."""
+    q, k, v, cu, mx = _attn_inputs(lens, 8, 2, 64, dtype, device, seed=sum(lens))
+    out = fn(q, k, v, cu, mx, causal=True, **extra)
+    g = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = ref_fn(qd, kd, vd, cu, mx, causal=True, **extra)
+    gr = torch.autograd.grad(ref, (qd, kd, vd), torch.ones_like(ref))
+    return max([rel_err(out, ref)] + [rel_err(a, b) for a, b in zip(g, gr, strict=True)])
+
+
+def other_gpu(report, s, device):
+    """The Triton kernels with their tensors on cuda:1 while cuda:0 is current: each launch must go to the
+    tensors' GPU (issue 25, item 3). Needs two GPUs; skipped, with a note, otherwise."""
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if count < 2:
+        where = f"{count} GPU" if device.type == "cuda" else "a CPU run"
+        report.note(s, f"kernels on a GPU other than the current one: skipped ({where}; needs 2 GPUs)")
+        return
+    on_other_device(report, s, current=torch.device("cuda", 0), other=torch.device("cuda", 1))
+
+
+def on_other_device(report, s, *, current, other):
+    """flash_varlen forward + backward (window, softcap) and masked CE with every tensor on ``other`` while
+    ``current`` is the current device, against their references; the current device must stay as it was.
+    Where Triton shows its per-device kernel caches, the launches must have compiled for ``other``."""
+    fv = importlib.import_module("tritrain_kernels.flash_varlen")
+    gpu = other.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    lens, (N, H, V) = ([300, 1, 77], (64, 32, 8200)) if gpu else ([5, 40, 3], (7, 16, 97))  # CPU: interpreted
+    guard = torch.cuda.device(current) if current.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        extra = {"window": 64, "softcap": 30.0}
+        fn, ref_fn = fv.flash_varlen_attention, fv.flash_varlen_attention_ref
+        err = _attn_error(fn, ref_fn, extra, lens, dtype, other)
+        ce = _ce_correctness(N, H, V, dtype, other, {})
+        _sync(other)
+        stayed = current.type != "cuda" or torch.cuda.current_device() == current.index
+    what = f"tensors on {other}, {current} current"
+    # the forward's cache is the evidence (autograd runs a backward on its tensors' device anyway)
+    caches = [getattr(kernel, "device_caches", None) for kernel in (fv._fwd_kernel, fv._bwd_dq_kernel)]
+    launched = (
+        all(c.get(other.index) is not None for c in caches)
+        if gpu and all(isinstance(c, dict) for c in caches)
+        else "unknown"
+    )
+    report.row(s, kernel=f"flash_varlen window+softcap, {what}", lengths=str(lens), dtype=str(dtype)[6:],
+               max_rel_err=err, compiled_for_tensors_gpu=launched, current_device_kept=stayed,
+               **{"pass": err <= ATTN_TOL[dtype] and stayed and launched is not False})  # fmt: skip
+    report.row(s, kernel=f"masked CE, {what}", lengths=ce["shape"], dtype=ce["dtype"],
+               max_rel_err=max(ce["loss_rel_err"], ce["grad_rel_err"]), current_device_kept=stayed,
+               **{"pass": ce["pass"] and stayed})  # fmt: skip
 
 
 def _ce_correctness(N, H, V, dtype, device, opts) -> dict:

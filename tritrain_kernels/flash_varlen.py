@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tritrain_kernels.masked_ce import _tanh  # the stable tanh both kernels use for softcaps
+# the stable tanh both kernels use for softcaps; the guard that launches on the tensors' GPU, not the current
+from tritrain_kernels.masked_ce import _device_guard, _tanh
 
 LOG2E = tl.constexpr(1.4426950408889634)
 _NO_WINDOW = 1 << 30  # "unbounded" band edge; i ± 2^30 stays inside int32 for any row length
@@ -40,6 +41,11 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
+
+# Offsets: every head and row index is cast to int64 before it meets a stride. Head-major q or k (stride_qh
+# = T·D, e.g. GLM-4's partial-rotary cat) pass 2^31 elements at ~541k tokens with 32 heads of 128; row
+# indices times stride_t do the same for any layout. Two exceptions stay int32: band edges (the launcher
+# clamps windows) and the dk/dv kernel's head offsets into the [Hq, T] Lse and Delta (_check: Hq·T < 2^31).
 
 
 @triton.jit
@@ -106,7 +112,8 @@ def _fwd_kernel(
     SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):  # fmt: skip
     # last query blocks first: under the causal band they carry the most keys (longest-first scheduling)
-    pid_m, seq, h = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, seq = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
+    h = tl.program_id(2).to(tl.int64)  # int64: see the offsets note above
     start = tl.load(cu_seqlens + seq)
     seqlen = tl.load(cu_seqlens + seq + 1) - start
     m0 = pid_m * BLOCK_M
@@ -167,7 +174,8 @@ def _bwd_dq_kernel(
     SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):  # fmt: skip
     # last query blocks first: under the causal band they carry the most keys (longest-first scheduling)
-    pid_m, seq, h = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, seq = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
+    h = tl.program_id(2).to(tl.int64)  # int64: see the offsets note above
     start = tl.load(cu_seqlens + seq)
     seqlen = tl.load(cu_seqlens + seq + 1) - start
     m0 = pid_m * BLOCK_M
@@ -236,23 +244,27 @@ def _bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     kv_rows = (start + offs_n).to(tl.int64)
     kv_mask = _tile_mask(offs_n < seqlen, offs_d, head_dim, EVEN_D)
-    k = tl.load(_tile(K + hk * stride_kh, kv_rows, stride_kt, offs_d), mask=kv_mask, other=0.0)
-    v = tl.load(_tile(V + hk * stride_vh, kv_rows, stride_vt, offs_d), mask=kv_mask, other=0.0)
+    # head offsets in int64 (see the offsets note above); the head loop itself counts in int32
+    k = tl.load(_tile(K + hk.to(tl.int64) * stride_kh, kv_rows, stride_kt, offs_d), mask=kv_mask, other=0.0)
+    v = tl.load(_tile(V + hk.to(tl.int64) * stride_vh, kv_rows, stride_vt, offs_d), mask=kv_mask, other=0.0)
 
     # the queries whose band reaches keys [n0, n0 + BLOCK_N): i >= j - W_right and i < j + W_left
     lo = tl.maximum(n0 - window_right, 0) // BLOCK_M * BLOCK_M
     hi = tl.minimum(seqlen, n0 + BLOCK_N - 1 + window_left)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # q and dO of the group's first query head, advanced one head per iteration: recomputing h * stride in
+    # int64 in the loop spilled (sm_90, sm_100), and the int32 product of the original wrapped
+    q_base = Q + (hk * group).to(tl.int64) * stride_qh
+    do_base = dO + (hk * group).to(tl.int64) * stride_doh
     for h in range(hk * group, hk * group + group):
-        q_base = Q + h * stride_qh
-        do_base = dO + h * stride_doh
         for m0 in range(lo, hi, BLOCK_M):
             qi = m0 + offs_m
             rows = (start + qi).to(tl.int64)
             q_mask = _tile_mask(qi < seqlen, offs_d, head_dim, EVEN_D)
             q = tl.load(_tile(q_base, rows, stride_qt, offs_d), mask=q_mask, other=0.0)
             do = tl.load(_tile(do_base, rows, stride_dot, offs_d), mask=q_mask, other=0.0)
+            # int32 head offsets into Lse and Delta: _check keeps Hq·T < 2^31 (int64 ones spill on sm_100)
             lse = tl.load(Lse + h * stride_lh + rows, mask=qi < seqlen, other=0.0)
             delta = tl.load(Delta + h * stride_lh + rows, mask=qi < seqlen, other=0.0)
             # transposed scores [BLOCK_N, BLOCK_M]: keys along rows
@@ -268,9 +280,13 @@ def _bwd_dkdv_kernel(
             if SOFTCAP:
                 ds = ds * _softcap_grad(s, softcap)
             dk += _dot(ds.to(q.dtype), q, DOT_DTYPE)
+        q_base += tl.cast(stride_qh, tl.int64)
+        do_base += tl.cast(stride_doh, tl.int64)
 
-    tl.store(_tile(dK + hk * stride_dkh, kv_rows, stride_dkt, offs_d), dk * sm_scale, mask=kv_mask)
-    tl.store(_tile(dV + hk * stride_dvh, kv_rows, stride_dvt, offs_d), dv, mask=kv_mask)
+    tl.store(
+        _tile(dK + hk.to(tl.int64) * stride_dkh, kv_rows, stride_dkt, offs_d), dk * sm_scale, mask=kv_mask
+    )
+    tl.store(_tile(dV + hk.to(tl.int64) * stride_dvh, kv_rows, stride_dvt, offs_d), dv, mask=kv_mask)
 
 
 # ---------------------------------------------------------------------------------- block sizes and specs
@@ -329,6 +345,9 @@ def _gpu_config(kernel: str, block_d: int, arch: int = 9) -> tuple[int, int, int
 
 
 _KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel}
+# Strides whose products may stay int32 (the compile test checks that every other is widened to int64 first):
+# the dk/dv kernel's head offsets into the [Hq, T] Lse and Delta, bounded by _check's Hq·T < 2^31.
+INT32_STRIDES = ("stride_lh",)
 # pointer arguments of each kernel (every other argument is an i32 or fp32 scalar, see _signature)
 _POINTERS = {
     "fwd": ("Q", "K", "V", "Sinks", "Out", "Lse", "cu_seqlens"),
@@ -415,13 +434,14 @@ def _forward(q, k, v, sinks, cu_seqlens, max_seqlen, scale, window_left, window_
     out = torch.empty_like(q)
     lse = torch.empty(hq, t, device=q.device, dtype=torch.float32)  # log2 units
     grid = (triton.cdiv(max_seqlen, block_m), cu_seqlens.shape[0] - 1, hq)
-    _fwd_kernel[grid](
-        q, k, v, sinks, out, lse, cu_seqlens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0),
-        d, hq // k.shape[1], scale, softcap or 1.0, window_left, window_right,
-        BLOCK_M=block_m, BLOCK_N=block_n, **_options(block_d, d, softcap, q.dtype), num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    with _device_guard(q):
+        _fwd_kernel[grid](
+            q, k, v, sinks, out, lse, cu_seqlens,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0),
+            d, hq // k.shape[1], scale, softcap or 1.0, window_left, window_right,
+            BLOCK_M=block_m, BLOCK_N=block_n, **_options(block_d, d, softcap, q.dtype), num_warps=warps, num_stages=stages,
+        )  # fmt: skip
     return out, lse
 
 
@@ -434,23 +454,24 @@ def _backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, window_left,
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
 
-    block_m, block_n, warps, stages = _config("dq", block_d, _arch(q))
-    _bwd_dq_kernel[(triton.cdiv(max_seqlen, block_m), nseq, hq)](
-        q, k, v, out, do, lse, delta, dq, cu_seqlens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
-        *common,
-        BLOCK_M=block_m, BLOCK_N=block_n, **_options(block_d, d, softcap, q.dtype), num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-    # after the dq kernel, which writes delta
-    block_m, block_n, warps, stages = _config("dkdv", block_d, _arch(q))
-    _bwd_dkdv_kernel[(triton.cdiv(max_seqlen, block_n), nseq, hkv)](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
-        *common,
-        BLOCK_M=block_m, BLOCK_N=block_n, **_options(block_d, d, softcap, q.dtype), num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    with _device_guard(q):
+        block_m, block_n, warps, stages = _config("dq", block_d, _arch(q))
+        _bwd_dq_kernel[(triton.cdiv(max_seqlen, block_m), nseq, hq)](
+            q, k, v, out, do, lse, delta, dq, cu_seqlens,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
+            *common,
+            BLOCK_M=block_m, BLOCK_N=block_n, **_options(block_d, d, softcap, q.dtype), num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        # after the dq kernel, which writes delta
+        block_m, block_n, warps, stages = _config("dkdv", block_d, _arch(q))
+        _bwd_dkdv_kernel[(triton.cdiv(max_seqlen, block_n), nseq, hkv)](
+            q, k, v, do, lse, delta, dk, dv, cu_seqlens,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
+            *common,
+            BLOCK_M=block_m, BLOCK_N=block_n, **_options(block_d, d, softcap, q.dtype), num_warps=warps, num_stages=stages,
+        )  # fmt: skip
     return dq, dk, dv, delta
 
 
@@ -516,6 +537,8 @@ def _check(q, k, v, cu_seqlens, max_seqlen, causal, window, softcap, sinks, dtyp
         raise ValueError(
             f"q, k, v and cu_seqlens must be on one device; got {q.device}, {k.device}, {v.device}, {cu_seqlens.device}"
         )
+    if hq * t >= 2**31:  # the backward's int32 offsets into its [Hq, T] log-sum-exp (see _bwd_dkdv_kernel)
+        raise ValueError(f"at most 2^31 - 1 query heads x tokens per call; got {hq} x {t}: split the batch")
     if cu_seqlens.shape[0] - 1 > 65535:
         raise ValueError(f"at most 65535 sequences per call; got {cu_seqlens.shape[0] - 1}")
     if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 1:
@@ -557,7 +580,9 @@ def flash_varlen_attention(
     del deterministic  # always deterministic (see the module docstring)
     _check(q, k, v, cu_seqlens, max_seqlen, causal, window, softcap, sinks)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    window_left = window if window is not None else _NO_WINDOW
+    # The kernels add band edges to int32 indices (n0 + BLOCK_N - 1 + W): a window near 2^31 wrapped and left
+    # dk, dv zero. Past the longest sequence a window changes nothing, so it is clamped to that.
+    window_left = min(window, max_seqlen, _NO_WINDOW) if window is not None else _NO_WINDOW
     window_right = 0 if causal else _NO_WINDOW
     softcap = float(softcap) if softcap is not None else None
     return _FlashVarlen.apply(

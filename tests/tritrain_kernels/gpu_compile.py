@@ -98,7 +98,37 @@ def describe(spec: dict) -> str:
     return f"{' '.join(flags)} [{','.join(ptrs)}] {launch} {aligned}".rstrip()
 
 
-def compile_spec(spec: dict, capability: int) -> dict:
+def narrow_stride_uses(ttir: str, arg_names: list[str], allowed=()) -> list[str]:
+    """The TTIR lines that use a ``stride*`` argument other than by sign-extending it to i64.
+
+    The kernels' offsets are ``index.to(tl.int64) * stride``: Triton then widens the stride first
+    (``arith.extsi %stride : i32 to i64``). Any other use is an int32 offset product, which wraps past
+    2^31 elements (a head-major q of 541k tokens at 32 x 128 heads). ``arg_names``: the kernel's
+    non-constexpr arguments in order, for TTIR whose arguments are numbered instead of named; ``allowed``:
+    strides the module declares bounded (its ``INT32_STRIDES``).
+    """
+    header = re.search(r"tt\.func public @\w+\((.*)\)\s*(?:attributes|\{)", ttir)
+    if header is None:
+        return ["no tt.func header in the TTIR"]
+    strides = []
+    for i, arg in enumerate(re.split(r"(?=%[\w.$-]+: )", header.group(1))[1:]):
+        ssa = re.match(r"%([\w.$-]+): ", arg).group(1)
+        loc = re.search(r'loc\("([^"]+)"', arg)
+        name = loc.group(1) if loc else arg_names[i] if i < len(arg_names) else ssa
+        if name.startswith("stride") and name not in allowed:
+            strides.append(ssa)
+    body = ttir[header.end() :]
+    bad = []
+    for ssa in strides:
+        used = re.compile(rf"%{re.escape(ssa)}(?![\w.$-])")
+        widen = re.compile(rf"arith\.extsi %{re.escape(ssa)} : i32 to i64")
+        for line in body.splitlines():
+            if used.search(line) and not widen.search(line):
+                bad.append(" ".join(line.split(" loc(")[0].split()))
+    return bad
+
+
+def compile_spec(spec: dict, capability: int, int32_strides=()) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -110,6 +140,8 @@ def compile_spec(spec: dict, capability: int) -> dict:
     compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
     usage = resource_usage(compiled.asm["cubin"])
     usage["shared"] = max(usage.get("shared", 0), int(compiled.metadata.shared))
+    args = [name for name, ty in spec["signature"].items() if ty != "constexpr"]
+    usage["int32_stride_uses"] = narrow_stride_uses(compiled.asm["ttir"], args, int32_strides)
     return usage
 
 
@@ -151,7 +183,7 @@ def run(modules: dict[str, list[str]], *, everything: bool, targets=None, on_row
                     module=module_name, kernel=kernel_of(spec), config=describe(spec), target=f"sm_{cc}"
                 )
                 try:
-                    row.update(compile_spec(spec, cc))
+                    row.update(compile_spec(spec, cc, getattr(module, "INT32_STRIDES", ())))
                 except Exception as e:  # reported per row, so that one failure does not hide the others
                     row["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
                 row["shared_limit"] = SHARED_LIMIT[cc]

@@ -1,6 +1,8 @@
 """The Triton varlen flash-attention against its plain-torch reference (fp64 gold) under the interpreter."""
 
+import contextlib
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -120,6 +122,52 @@ def test_launch_does_not_synchronise(monkeypatch):
     assert all(x.grad is not None for x in leaves)
 
 
+@pytest.mark.parametrize("window", [2**31 - 2, 2**31 - 1])
+def test_window_near_int32_max_is_no_window(window):
+    # The kernels add the window to int32 block starts (n0 + BLOCK_N - 1 + W); unclamped, such a window
+    # wrapped to a negative bound and dk, dv came out zero (issue 25, item 5).
+    _compare([5, 40], 2, 1, 32, torch.float32, sinks=True, window=window)
+
+
+def test_every_launch_is_inside_a_device_guard_of_q(monkeypatch):
+    # Each kernel must launch on q's GPU, not the current one: inside _device_guard(q) (issue 25, item 3).
+    # On CPU the guard is a no-op, so it is replaced by one that records the tensor it guards.
+    guarded, launches = [], []
+
+    @contextlib.contextmanager
+    def guard(t):
+        guarded.append(t)
+        try:
+            yield
+        finally:
+            guarded.pop()
+
+    class Recording:
+        def __init__(self, name):
+            self.name, self.real = name, getattr(flash_varlen, name)
+
+        def __getitem__(self, grid):
+            def launch(q, *args, **kwargs):
+                launches.append((self.name, bool(guarded) and guarded[-1] is q))
+                return self.real[grid](q, *args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(flash_varlen, "_device_guard", guard)
+    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
+        monkeypatch.setattr(flash_varlen, name, Recording(name))
+    q, k, v, s = _inputs([3, 17], 2, 1, 32, torch.float32, True)
+    _run(flash_varlen_attention, q, k, v, s, [3, 17], torch.float32, {"window": 5})
+    assert launches == [("_fwd_kernel", True), ("_bwd_dq_kernel", True), ("_bwd_dkdv_kernel", True)]
+
+
+def test_device_guard_selects_the_tensors_gpu():
+    # what the launchers enter on a GPU: torch.cuda.device(cuda:1) for a tensor on cuda:1 (built, not entered)
+    on_gpu1 = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    assert flash_varlen._device_guard(on_gpu1).idx == 1
+    assert isinstance(flash_varlen._device_guard(torch.zeros(1)), contextlib.nullcontext)
+
+
 CU = _cu([3, 17])
 
 
@@ -135,6 +183,10 @@ CU = _cu([3, 17])
         ({"k": torch.zeros(20, 3, 32)}, "not a multiple of k's 3"),
         ({"q": torch.zeros(20, 2, 40), "k": torch.zeros(20, 1, 40)}, "head dim 40"),
         ({"q": torch.zeros(20, 2, 32, dtype=torch.float64)}, "must share one dtype"),
+        (  # views, no memory: the backward's int32 Lse offsets need Hq x T < 2^31
+            {"q": torch.zeros(1, 1, 32).expand(2**26, 32, 32), "k": torch.zeros(1, 32).expand(2**26, 1, 32)},
+            "query heads x tokens",
+        ),
     ],
 )
 def test_bad_inputs_are_refused(kwargs, match):

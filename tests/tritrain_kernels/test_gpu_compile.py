@@ -99,9 +99,46 @@ def test_quick_compile_no_spills(quick_rows, target):
         assert set(kernels) <= names, f"{module_name}: not compiled for {target}"
 
 
+def _check_offsets(rows):
+    bad = [
+        f"{r['kernel']} {r['config']} {r['target']}: {line}"
+        for r in rows
+        for line in r.get("int32_stride_uses", [])
+    ]
+    assert not bad, "int32 offset products (cast the index to tl.int64 first):\n" + "\n".join(bad)
+
+
+def test_quick_compile_offsets_are_int64(quick_rows):
+    # Every kernel's TTIR widens each stride to i64 before any product: an i32 `h * stride_qh` wraps for a
+    # head-major q past 541k tokens at 32 x 128 heads (issue 25, item 5). A module may declare strides whose
+    # products its launcher bounds (INT32_STRIDES: flash_varlen's Lse stride, Hq·T < 2^31).
+    compiled = [r for r in quick_rows if "reg" in r]
+    assert compiled and all("int32_stride_uses" in r for r in compiled)
+    assert {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"} <= {r["kernel"] for r in compiled}
+    _check_offsets(compiled)
+
+
+def test_narrow_stride_uses_reads_ttir():
+    header = (
+        'tt.func public @k(%X: !tt.ptr<bf16> loc("X"(#loc)), %stride_xh: i32 {tt.divisibility = 16 : i32}'
+        ' loc("stride_xh"(#loc)), %stride_xt: i32 loc("stride_xt"(#loc))) attributes {noinline = false} {'
+    )
+    wide = "%1 = arith.extsi %stride_xh : i32 to i64 loc(#loc3)\n%2 = arith.extsi %stride_xt : i32 to i64"
+    assert gpu_compile.narrow_stride_uses(f"{header}\n{wide}\n", []) == []
+    narrow = "%3 = arith.muli %0, %stride_xh : i32 loc(#loc4)\n%4 = tt.addptr %X, %3 : !tt.ptr<bf16>, i32"
+    got = gpu_compile.narrow_stride_uses(f"{header}\n{wide}\n{narrow}\n", [])
+    assert got == ["%3 = arith.muli %0, %stride_xh : i32"]
+    assert gpu_compile.narrow_stride_uses(f"{header}\n{narrow}\n", [], allowed=("stride_xh",)) == []
+    numbered = header.replace("%stride_xh", "%arg1").replace('loc("stride_xh"(#loc))', "")
+    got = gpu_compile.narrow_stride_uses(f"{numbered}\n%3 = arith.muli %0, %arg1 : i32\n", ["X", "stride_xh"])
+    assert got == ["%3 = arith.muli %0, %arg1 : i32"]
+
+
 @pytest.mark.slow
 def test_every_spec_compiles_no_spills(tmp_path_factory):
-    _check_rows(_compile(tmp_path_factory, everything=True))
+    rows = _compile(tmp_path_factory, everything=True)
+    _check_rows(rows)
+    _check_offsets([r for r in rows if "reg" in r])
 
 
 def _spec_key(constexprs, grad_dtype, num_warps):
