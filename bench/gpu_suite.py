@@ -753,6 +753,76 @@ def strategies(report, device, tiny, quick):
         report.note(s, "NF4 rounds each weight by ~9% of its norm: the first losses differ a little")
 
 
+def fsdp_two_gpus(report, device, quick):
+    """torchrun with two ranks through the trainer's CLI (issue 25, items 1, 2 and 4): each rank's peak GPU
+    memory over the sharded load against the model's size, a step with CPU offload (gloo beside nccl), and
+    generation eval under FSDP ending on both ranks. Needs two GPUs; skipped, with a note, otherwise."""
+    with report.section("FSDP on two GPUs (torchrun): sharded load, CPU offload, generation eval") as s:
+        count = torch.cuda.device_count() if device.type == "cuda" else 0
+        if count < 2:
+            where = f"{count} GPU" if device.type == "cuda" else "a CPU run"
+            report.note(s, f"skipped ({where}; needs 2 GPUs)")
+            return
+        import subprocess
+        import tempfile
+
+        from tests.trainer import test_sharded_load as worker
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            size = worker._tiny_model_dir(tmp / "model", layers=10 if quick else 24)
+            for offload in ("false", "true"):
+                out = tmp / f"out-{offload}"
+                out.mkdir()
+                args = [
+                    "--model",
+                    str(tmp / "model"),
+                    "--device",
+                    "cuda",
+                    "--parallel",
+                    "fsdp",
+                    "--fsdp-cpu-offload",
+                    offload,
+                    "--max-steps",
+                    "2",
+                    "--eval-every",
+                    "2",
+                    "--eval-generate",
+                    "2",
+                    "--eval-max-new-tokens",
+                    "8",
+                    "--output-dir",
+                    str(out / "run"),
+                ]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nproc_per_node",
+                    "2",
+                    "--master_addr",
+                    "127.0.0.1",
+                    "--master_port",
+                    str(_free_port()),
+                    worker.__file__,
+                    str(out),
+                    *args,
+                ]
+                t0 = time.perf_counter()
+                done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)  # fmt: skip
+                ranks = [json.loads((out / f"rss-rank{r}.json").read_text()) for r in (0, 1)
+                         if (out / f"rss-rank{r}.json").is_file()]  # fmt: skip
+                peaks = [r.get("device_peak", float("nan")) / size for r in ranks]
+                report.row(s, cpu_offload=offload, model_MiB=size / 2**20, seconds=time.perf_counter() - t0,
+                           gpu_peak_over_model=" / ".join(f"{p:.2f}" for p in peaks),
+                           **{"pass": done.returncode == 0 and len(peaks) == 2
+                              and all(p < 0.75 for p in peaks)})  # fmt: skip
+                if done.returncode != 0:
+                    report.note(s, f"offload {offload}: exit {done.returncode}: " + done.stderr[-400:])
+        report.note(s, "gpu_peak_over_model: each rank's peak GPU memory over the load, in model sizes; the "
+                       "old load (whole model on every GPU, then sharded) was >= 1")  # fmt: skip
+
+
 def _free_port() -> int:
     import socket
 
@@ -763,7 +833,17 @@ def _free_port() -> int:
 
 # ------------------------------------------------------------------------------------------------- main
 
-SECTIONS = ("environment", "correctness", "sync", "masked_ce", "attention", "e2e", "train", "strategies")
+SECTIONS = (
+    "environment",
+    "correctness",
+    "sync",
+    "masked_ce",
+    "attention",
+    "e2e",
+    "train",
+    "strategies",
+    "fsdp2",
+)
 
 
 def main(argv=None) -> int:
@@ -790,6 +870,7 @@ def main(argv=None) -> int:
         "e2e": lambda: end_to_end(report, device, args.tiny, args.quick),
         "train": lambda: training_run(report, device, args.tiny, args.quick),
         "strategies": lambda: strategies(report, device, args.tiny, args.quick),
+        "fsdp2": lambda: fsdp_two_gpus(report, device, args.quick),
     }
     for name in SECTIONS:
         if name in args.only:

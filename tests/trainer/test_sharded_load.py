@@ -42,13 +42,20 @@ def _worker(out: Path, args: list[str]) -> int:
     def measured_setup_model(*a, **kw):
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         seen["before"] = _status("VmRSS")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         done = setup_model(*a, **kw)
-        seen["peak"] = _status("VmHWM")
+        _peaks()
         return done
+
+    def _peaks():
+        seen["peak"] = _status("VmHWM")
+        if torch.cuda.is_available():
+            seen["device_peak"] = torch.cuda.max_memory_allocated()
 
     def measured_fill_shards(*a, **kw):
         fill_shards(*a, **kw)
-        seen["peak"] = _status("VmHWM")
+        _peaks()
 
     train.setup_model, train.fill_shards = measured_setup_model, measured_fill_shards
     code = main(args)
@@ -56,15 +63,16 @@ def _worker(out: Path, args: list[str]) -> int:
     return code
 
 
-def _tiny_model_dir(path: Path) -> int:
-    """A random GLM-4 of ~160 MB (fp32) with the demo tokenizer, saved as a model directory; its bytes."""
+def _tiny_model_dir(path: Path, layers: int = 10) -> int:
+    """A random GLM-4 of ~140 MB (fp32, 10 layers) with the demo tokenizer, saved as a model directory (also
+    bench/gpu_suite.py's FSDP load on two GPUs); its bytes."""
     from transformers import Glm4Config, Glm4ForCausalLM
 
     from trainer.data import load_tokenizer
 
     tokenizer = load_tokenizer("demo")
     spec = json.loads((ROOT / "trainer" / "assets" / "demo_model.json").read_text())
-    spec.update(hidden_size=512, intermediate_size=1536, num_hidden_layers=10, num_attention_heads=8,
+    spec.update(hidden_size=512, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=8,
                 num_key_value_heads=4, head_dim=64, vocab_size=len(tokenizer),
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
     torch.manual_seed(0)
