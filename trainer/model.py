@@ -342,10 +342,20 @@ def other_layer_kinds(model: torch.nn.Module) -> list[str]:
     kinds = {
         kind
         for kind in getattr(_text_config(base.config), "layer_types", None) or ()
-        if kind not in ("full_attention", "sliding_attention")
+        if kind not in _NOT_MIXERS
     }
-    kinds |= {type(m).__name__ for m in base.modules() if is_other_mixer(type(m).__name__)}
+    kinds |= {
+        name
+        for name in {type(m).__name__ for m in base.modules()}
+        if is_other_mixer(name) and not name.endswith(_CONTAINERS)
+    }
     return sorted(kinds)
+
+
+# layer_types entries that name attention or a feed-forward block, not another token mixer (Nemotron-H)
+_NOT_MIXERS = ("full_attention", "sliding_attention", "attention", "mlp", "moe", "dense")
+# classes named after a mixer family that hold or normalise layers, not mix tokens (MambaBlock, MambaModel)
+_CONTAINERS = ("Model", "ForCausalLM", "Block", "DecoderLayer", "Norm", "RMSNorm", "Cache")
 
 
 def is_other_mixer(class_name: str) -> bool:
@@ -375,20 +385,28 @@ def enable_varlen_attention(
     weights are not there yet (a meta skeleton that FSDP fills later); default, where they are."""
     name = register_varlen_attention(backend)
     base = _base_model(model)
-    others = other_layer_kinds(base)
+    linear = linear_attention_modules(base)
+    others = sorted(set(other_layer_kinds(base)) - _kinds_of(base, linear))
     if others:
         raise ValueError(
             f"{type(base).__name__} has {', '.join(others)} layers besides attention; packed training "
-            "covers decoders whose layers are attention + MLP/MoE"
+            "covers decoders whose layers are attention + MLP/MoE, and Gated DeltaNet linear attention "
+            f"({', '.join(sorted(PACKED_LINEAR_ATTENTION))})"
         )
-    if not getattr(base, "_supports_attention_backend", False):
+    weight = base.get_input_embeddings().weight
+    # before the probe: transformers' own Gated DeltaNet refuses cu_seqlens without flash-linear-attention
+    linear_line = (
+        enable_packed_linear_attention(base, linear, device=device or weight.device) if linear else ""
+    )
+    probed = probe_attention(base)
+    # Qwen3.5 / Qwen3-Next dispatch attention through the interface without declaring it: the probe shows it
+    reached = linear and probed and all(hasattr(m, _PROBED_ATTR) for _, m in attention_modules(base))
+    if not getattr(base, "_supports_attention_backend", False) and not reached:
         raise ValueError(
             f"{type(base).__name__} does not dispatch attention through transformers.AttentionInterface; "
             "packing needs a model that does (Llama, Qwen2/3, GLM-4 ...)"
         )
-    probe_attention(base)
     config = _text_config(base.config)
-    weight = base.get_input_embeddings().weight
     groups: dict[tuple[str, str], list[int]] = {}
     dropped: set[float] = set()
     for idx, module in attention_modules(base):
@@ -414,6 +432,8 @@ def enable_varlen_attention(
         f"attention layers {_layer_ranges(indices)}: {chosen} ({features})"
         for (chosen, features), indices in groups.items()
     ]
+    if linear_line:
+        lines.append(linear_line)
     from_positions = [idx for idx, m in attention_modules(base) if getattr(m, _FROM_POSITIONS_ATTR, False)]
     if from_positions:
         lines.append(
@@ -428,6 +448,107 @@ def enable_varlen_attention(
     for line in lines if log is not None else ():
         log(line)
     return lines
+
+
+# ------------------------------------------------------------------ hybrid layers: Gated DeltaNet, packed
+
+# Gated DeltaNet classes whose packed forward is installed: their forward calls the module-level functions
+# ``causal_conv1d_fn`` (through ``causal_conv1d_forward``, with the decoder's keyword arguments) and
+# ``torch_chunk_gated_delta_rule`` (with ``cu_seqlens=`` the decoder's ``cu_seq_lens_q``) by name, which
+# the packed forward points at boundary-respecting versions for the duration of the call. Other linear
+# attention classes (OLMo-Hybrid, LaraMini, Qwen4-exp's extra short convolution) are not verified: refused.
+PACKED_LINEAR_ATTENTION = ("Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet", "Qwen3NextGatedDeltaNet")
+_LINEAR_PLAN_ATTR = "_tritrain_linear_backend"  # set on each Gated DeltaNet by enable_packed_linear_attention
+
+
+def linear_attention_modules(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+    """(layer index, module) of the decoder's Gated DeltaNet layers that packing supports
+    (:data:`PACKED_LINEAR_ATTENTION`)."""
+    return [
+        (m.layer_idx, m) for m in _base_model(model).modules() if type(m).__name__ in PACKED_LINEAR_ATTENTION
+    ]
+
+
+def _kinds_of(model: torch.nn.Module, linear: list[tuple[int, torch.nn.Module]]) -> set[str]:
+    """The names :func:`other_layer_kinds` gives the supported linear attention layers: their classes and
+    their ``layer_types`` entry."""
+    layer_types = getattr(_text_config(_base_model(model).config), "layer_types", None) or ()
+    kinds = {type(m).__name__ for _, m in linear}
+    kinds |= {layer_types[idx] for idx, _ in linear if idx < len(layer_types)}
+    return kinds
+
+
+def enable_packed_linear_attention(
+    model: torch.nn.Module, linear: list[tuple[int, torch.nn.Module]], *, device
+) -> str:
+    """Make each Gated DeltaNet layer restart its short convolution and its recurrent state at every
+    conversation of a packed row, and return the one line saying what they run on.
+
+    transformers' torch fallbacks ignore ``cu_seqlens``: the convolution reads the previous conversation's
+    last 3 tokens and the recurrence carries its state over. Each layer's forward is wrapped: when the
+    decoder passes ``cu_seq_lens_q`` (the packed path), the module-level ``causal_conv1d_fn`` and
+    ``torch_chunk_gated_delta_rule`` its forward calls are, for that call, :func:`short_conv_varlen` and
+    :func:`chunk_gated_delta_rule_varlen` (flash-linear-attention's kernel on CUDA when installed);
+    otherwise (generation, the padded path of ``check``) the model's own forward runs untouched. A packed
+    call (varlen attention installed) without ``cu_seq_lens_q`` is an error, never a silent mix."""
+    from tritrain_kernels.linear_attention import gated_delta_rule_backend
+
+    backend = gated_delta_rule_backend(device)
+    for _, module in linear:
+        if not hasattr(module, _LINEAR_PLAN_ATTR):  # installed once (prepare_model may run on a set-up model)
+            module.forward = _packed_linear_forward(module, module.forward, model.config)
+        setattr(module, _LINEAR_PLAN_ATTR, backend)
+    kinds = sorted({type(m).__name__ for _, m in linear})
+    recurrence = "flash-linear-attention" if backend == "fla" else "torch chunked"
+    return (
+        f"attention layers {_layer_ranges(sorted(idx for idx, _ in linear))}: linear ({', '.join(kinds)}): "
+        f"short convolution torch, gated delta rule {recurrence}, both restarted at each conversation"
+    )
+
+
+def _packed_linear_forward(module: torch.nn.Module, forward, config):
+    import sys
+
+    from tritrain_kernels.linear_attention import chunk_gated_delta_rule_varlen, short_conv_varlen
+
+    namespace = vars(sys.modules[type(module).__module__])  # the globals its forward calls by name
+    missing = [f for f in ("causal_conv1d_fn", "torch_chunk_gated_delta_rule") if f not in namespace]
+    if missing:
+        raise ValueError(
+            f"{type(module).__name__}: its module has no {', '.join(missing)} (a transformers release this "
+            "project was not written for); packed linear attention is not supported"
+        )
+
+    def conv_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
+        cu = kwargs["cu_seq_lens_q"]
+        return short_conv_varlen(hidden_states, weight, bias, cu_seqlens=cu, activation=activation)
+
+    def chunk_fn(query, key, value, g, beta, chunk_size=64, initial_state=None, output_final_state=False,
+                 use_qk_l2norm_in_kernel=False, cu_seqlens=None, **kwargs):  # fmt: skip
+        return chunk_gated_delta_rule_varlen(
+            query, key, value, g, beta, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+            initial_state=initial_state, output_final_state=output_final_state,
+            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, backend=getattr(module, _LINEAR_PLAN_ATTR),
+        )  # fmt: skip
+
+    swaps = {"causal_conv1d_fn": conv_fn, "torch_chunk_gated_delta_rule": chunk_fn}
+
+    def packed_forward(*args, **kwargs):
+        if kwargs.get("cu_seq_lens_q") is None:
+            if config._attn_implementation == ATTN_NAME:
+                raise ValueError(
+                    f"{type(module).__name__} (layer {module.layer_idx}) got no cu_seq_lens_q in a packed "
+                    "call; packed conversations would mix in its convolution and recurrent state"
+                )
+            return forward(*args, **kwargs)
+        saved = {name: namespace[name] for name in swaps}
+        namespace.update(swaps)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            namespace.update(saved)
+
+    return packed_forward
 
 
 def _refuse_unpackable(idx: int, module: torch.nn.Module) -> None:

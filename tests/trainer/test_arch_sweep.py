@@ -20,7 +20,7 @@ DEFAULT = {
     "llama": "pass",
     "lfm2": "refused",  # built with its short-convolution layers (the default config has none)
     "doge": "refused",  # at start: its attention builds its own mask
-    "qwen3_next": "refused",
+    "qwen3_next": "pass",  # Gated DeltaNet layers packed (trainer.model.enable_packed_linear_attention)
     "bloom": "refused",
     "blt": "not built",
     "t5": "not built",

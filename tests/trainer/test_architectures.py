@@ -211,7 +211,9 @@ def test_mla_pads_values_to_the_query_head_dim():
     assert lines == ["attention layers 0-1: reference (causal)"]  # head dim 32 for q/k, 16 for v
 
 
-@pytest.mark.parametrize("arch, kind", [("qwen3_next", "linear_attention"), ("falcon_h1", "FalconH1Mixer")])
+@pytest.mark.parametrize(
+    "arch, kind", [("nemotron_h", "NemotronHMamba2Mixer"), ("falcon_h1", "FalconH1Mixer")]
+)
 def test_hybrids_are_refused_naming_the_other_layer_kind(arch, kind):
     vocab = len(load_tokenizer("demo"))
     config = AutoConfig.for_model(arch, vocab_size=vocab, **{**COMMON, "num_hidden_layers": 4})
