@@ -40,32 +40,44 @@ CPU_SHAPES = [(4096, 512, 32000, None)]
 # ----------------------------------------------------------------------------- providers
 
 
-def _ours(h, w, y, softcap):
-    return masked_linear_cross_entropy(h, w, y, softcap=softcap)
+def liger_options(V: int, device) -> dict:
+    """Liger's extra keywords at typical settings (``--liger-options``): class weights, PaLM's z-loss
+    (1e-4), the z-loss and token accuracy returned. Same keywords for ours, the reference and Liger."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    ce_weight = (torch.rand(V, generator=gen) + 0.5).to(device)
+    return dict(ce_weight=ce_weight, lse_square_scale=1e-4, return_z_loss=True, return_token_accuracy=True)
 
 
-def _reference(h, w, y, softcap):
-    return masked_linear_cross_entropy_ref(h, w, y, softcap=softcap)
+def _loss(out):
+    return out if isinstance(out, torch.Tensor) else out.loss  # CrossEntropyOutput when extras are asked
+
+
+def _ours(opts):
+    return lambda h, w, y, softcap: _loss(masked_linear_cross_entropy(h, w, y, softcap=softcap, **opts))
+
+
+def _reference(opts):
+    return lambda h, w, y, softcap: _loss(masked_linear_cross_entropy_ref(h, w, y, softcap=softcap, **opts))
 
 
 def _torch_chunked(h, w, y, softcap):
     return F.linear_cross_entropy(h, w, y, ignore_index=-100, options=torch.nn.LinearCrossEntropyOptions())
 
 
-def _liger():
+def _liger(opts):
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, **opts)
 
     def run(h, w, y, softcap):
         if softcap is not None:
             loss.softcap = softcap
-        return loss(w, h, y)
+        return _loss(loss(w, h, y))
 
     return run
 
 
-def _cce():
+def _cce(opts):
     from cut_cross_entropy import linear_cross_entropy
 
     def run(h, w, y, softcap):
@@ -74,15 +86,18 @@ def _cce():
     return run
 
 
-def providers() -> dict:
-    """Name -> callable(h, w, y, softcap) for every provider that runs here."""
-    out = {"ours": _ours, "reference": _reference}
-    if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+def providers(opts: dict | None = None) -> dict:
+    """Name -> callable(h, w, y, softcap) for every provider that runs here; with Liger's keywords
+    (``opts``), only those that take them."""
+    opts = opts or {}
+    out = {"ours": _ours(opts), "reference": _reference(opts)}
+    if not opts and hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
         out["torch_chunked"] = _torch_chunked
     if CUDA:
-        for name, make in (("liger", _liger), ("cce", _cce)):
+        makers = (("liger", _liger),) + ((("cce", _cce),) if not opts else ())
+        for name, make in makers:
             try:
-                out[name] = make()
+                out[name] = make(opts)
             except Exception:  # not installed, or an install that fails to import: no such provider
                 pass
     return out
@@ -220,10 +235,15 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if CUDA else "fp32")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--providers", nargs="+", default=None)
+    p.add_argument(
+        "--liger-options",
+        action="store_true",
+        help="class weights, z-loss 1e-4, z-loss and token accuracy returned (ours, reference, Liger)",
+    )
     args = p.parse_args(argv)
     device = "cuda" if CUDA else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    provs = providers()
+    provs = providers(liger_options(args.v, device) if args.liger_options else None)
     if args.providers:
         provs = {k: v for k, v in provs.items() if k in args.providers}
     dev_name = (
@@ -231,9 +251,11 @@ def main(argv=None):
         if CUDA
         else f"{platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
     )
+    extra = " liger-options (ce_weight, z-loss 1e-4, z-loss and accuracy out)" if args.liger_options else ""
     print(
         f"# {dev_name}; torch {torch.__version__}; date {datetime.date.today()}; commit {git_commit()}\n"
-        f"# N={args.n} H={args.h} V={args.v} {args.dtype} softcap={args.softcap}; "
+        f"# N={args.n} H={args.h} V={args.v} {args.dtype} softcap={args.softcap}"
+        f"{extra}; "
         f"forward+backward, frozen head; median of {args.reps}\n"
     )
     print("| masked | provider | ms | vs ours | peak extra MiB | TFLOP/s over floor |")
