@@ -58,6 +58,8 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0: no clipping
     max_bad_steps: int = 5  # non-finite loss or gradient: skip the step; stop after this many in a row
+    # z-loss coefficient (PaLM: 1e-4): adds z_loss * logsumexp(logits)^2 per trained token; 0: off
+    z_loss: float = 0.0
 
     # LoRA
     lora_r: int = 8  # rank of the adapter
@@ -189,7 +191,8 @@ def _check(cfg: TrainConfig) -> None:
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}: must be at least 1, got {getattr(cfg, key)}")
-    for key in ("max_steps", "eval_every", "save_every", "patience", "warmup", "lr", "weight_decay"):
+    nonnegative = ("max_steps", "eval_every", "save_every", "patience", "warmup", "lr", "weight_decay")
+    for key in (*nonnegative, "z_loss"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}: must not be negative, got {getattr(cfg, key)}")
     if cfg.max_tokens < cfg.max_length:

@@ -65,6 +65,44 @@ def _tag(key: str) -> str:
     return f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
 
 
+class ZLoss:
+    """The z-loss (PaLM's stability term, Liger's ``lse_square_scale``): ``coefficient * logsumexp^2`` of the
+    logits per trained token, added to the training loss by the same pass of the fused loss (validation
+    losses stay cross-entropy alone), summed on the device; ``take``: its mean per token since the last."""
+
+    def __init__(self, coefficient: float, loss_fn, device: torch.device):
+        if coefficient and "lse_square_scale" not in inspect.signature(loss_fn).parameters:
+            raise ValueError("z_loss needs a loss function that takes lse_square_scale (loss_backend fused)")
+        self.coefficient = coefficient
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.tokens = torch.zeros((), dtype=torch.int64, device=device)
+
+    def wrap(self, loss_fn):
+        """``loss_fn`` with the z term added in training steps (gradients on), when the coefficient is set."""
+        if not self.coefficient:
+            return loss_fn
+
+        def with_z(hidden, weight, labels, **kwargs):
+            if not torch.is_grad_enabled():
+                return loss_fn(hidden, weight, labels, **kwargs)
+            z = dict(lse_square_scale=self.coefficient, return_z_loss=True)
+            out = loss_fn(hidden, weight, labels, **z, **kwargs)
+            self.total += out.z_loss.detach().double()
+            self.tokens += (labels != kwargs.get("ignore_index", -100)).sum()
+            return out.loss
+
+        return with_z
+
+    def take(self, world) -> dict:
+        """``{"z_loss": mean per trained token}`` since the last take, or {} when off. Every rank calls it."""
+        if not self.coefficient:
+            return {}
+        total, tokens = world.sum(torch.stack([self.total, self.tokens.double()])).tolist()
+        self.total.zero_()
+        self.tokens.zero_()
+        return {"z_loss": total / max(1, tokens)}
+
+
 class TokenAccuracy:
     """Counts the target tokens and those predicted right, on the device, separately for training steps
     (gradients on) and evaluation (no_grad); ``take`` sums them over the ranks and starts over."""

@@ -17,9 +17,10 @@ FREE = ("device", "attn_backend", "attn_dropout", "loss_backend", "gradient_chec
         "metric_for_best")  # fmt: skip
 
 # Settings that can take a new value from the next step on: the optimizer's hyper-parameters, the schedule
-# (rebuilt from the config), the length of the run, the adapter's dropout and scaling, the compute dtype.
+# (rebuilt from the config), the length of the run, the adapter's dropout and scaling, the compute dtype,
+# the z-loss coefficient (the loss function is built from the config).
 OVERRIDABLE = ("lr", "warmup", "schedule", "min_lr_ratio", "weight_decay", "max_grad_norm", "max_steps",
-               "epochs", "grad_accum", "lora_dropout", "lora_alpha", "dtype")  # fmt: skip
+               "epochs", "grad_accum", "lora_dropout", "lora_alpha", "dtype", "z_loss")  # fmt: skip
 
 # Every other setting (model, tokenizer, data, packing, seed, adapter shape) decides which rows a step
 # sees or what the checkpoint's tensors mean: changing it needs a fresh output_dir.

@@ -45,7 +45,7 @@ from trainer.lock import output_dir_lock
 from trainer.model import decoder_hidden_states, prepare_model, resolve_device, resolve_dtype
 from trainer.packing import PackedBatch, collate_packed, epoch_rows, make_packed_batches, pack
 from trainer.parallel import Single, load_cpu, make_strategy
-from trainer.reporting import Reporters, TokenAccuracy
+from trainer.reporting import Reporters, TokenAccuracy, ZLoss
 from trainer.resume import apply_overrides, compare_with_checkpoint
 from trainer.sharded_load import fill_shards, load_skeleton
 from tritrain_kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
@@ -329,6 +329,7 @@ class Run:
     losses: list = field(default_factory=list)  # every step of this run, in order
     updating: bool = False  # inside an optimizer update: an interrupt now cannot save a checkpoint
     accuracy: TokenAccuracy | None = None  # trained-token accuracy, counted by the loss
+    z_loss: ZLoss | None = None  # the z-loss term, added and summed by the loss
     reporters: Reporters | None = None  # report_to: TensorBoard, W&B (rank 0)
     generation: evalgen.GenerationEval | None = None  # eval_generate: answers at each evaluation
 
@@ -462,12 +463,13 @@ def setup(cfg: TrainConfig, world: World) -> Run:
                  bad_in_row=0, world_size=world.size)  # fmt: skip
     loss_fn = fused_loss(cfg.loss_backend)
     accuracy = TokenAccuracy(loss_fn, device)  # counted by the loss in the same pass, when it can
+    z_loss = ZLoss(cfg.z_loss, loss_fn, device)
     return Run(
         cfg=cfg, world=world, strategy=strategy, model=model, tokenizer=tokenizer, head=head,
-        loss_fn=accuracy.wrap(loss_fn), accuracy=accuracy, device=device, dtype=dtype, autocast=autocast,
-        params=params, optimizer=optimizer, scheduler=scheduler, flops=flops, train_data=train_data,
-        bins=bins, val_batches=make_packed_batches(val_data, cfg.max_tokens) if val_data else [],
-        rows_per_step=rows_per_step, total_steps=total_steps, out=out, state=state,
+        loss_fn=accuracy.wrap(z_loss.wrap(loss_fn)), accuracy=accuracy, z_loss=z_loss, device=device,
+        dtype=dtype, autocast=autocast, params=params, optimizer=optimizer, scheduler=scheduler, flops=flops,
+        train_data=train_data, bins=bins, rows_per_step=rows_per_step, total_steps=total_steps, out=out,
+        state=state, val_batches=make_packed_batches(val_data, cfg.max_tokens) if val_data else [],
     )  # fmt: skip
 
 
@@ -615,12 +617,14 @@ class Progress:
             "step": step, "epoch": run.state["epoch"], "loss": window["loss"] / max(1, window["steps"]),
             "lr": run.scheduler.get_last_lr()[0], "grad_norm": window["norm"],
             "tokens_per_s": window["tokens"] / seconds, "skipped": run.state["skipped"],
-            **run.accuracy.take(run.strategy),
+            **run.accuracy.take(run.strategy), **(run.z_loss.take(run.strategy) if run.z_loss else {}),
         }  # fmt: skip
         line = (f"step {step}/{run.total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
                 f"grad norm {window['norm']:.3f}, {record['tokens_per_s']:.0f} tokens/s")  # fmt: skip
         if "acc" in record:
             line += f", acc {record['acc']:.3f}"
+        if "z_loss" in record:
+            line += f", z {record['z_loss']:.3g}"
         peak = peak_flops(run.device)
         if peak:  # global FLOPs over the peak of every process
             record["mfu"] = window["flops"] / seconds / (peak * run.world.size)

@@ -101,6 +101,46 @@ def test_early_stopping_keeps_the_best_adapter(tmp_path):
     assert [r["step"] for r in _lines(Path(cfg.output_dir) / "metrics.jsonl") if "val_loss" in r] == [1, 2, 3]
 
 
+def test_z_loss_adds_its_logged_term_to_the_training_loss_only(tmp_path):
+    """z_loss: the training loss is cross-entropy + the logged z term, which is coefficient x the mean squared
+    log-sum-exp of the trained rows' logits (the float64 reference's, on the step's rows); validation
+    losses stay cross-entropy. lr 0 keeps the weights, so both runs see the same logits."""
+    args = ["--max-steps", "2", "--lr", "0", "--log-every", "1", "--eval-every", "0", "--save-every", "0"]
+    plain = _lines(Path(train(_cfg(tmp_path / "a", *args))["output_dir"]) / "metrics.jsonl")
+    coefficient = 1e-2
+    result = train(_cfg(tmp_path / "b", *args, "--z-loss", str(coefficient)))
+    z = _lines(Path(result["output_dir"]) / "metrics.jsonl")
+    steps = [(p, q) for p, q in zip(plain, z, strict=True) if "loss" in p]
+    assert len(steps) == 2
+    for p, q in steps:
+        assert q["z_loss"] > 0.1  # log-sum-exp ~ log V ~ 8 here: z ~ 0.01 * 64
+        assert q["loss"] == pytest.approx(p["loss"] + q["z_loss"], rel=1e-5)
+        assert "z_loss" not in p
+    vals = [(p["val_loss"], q["val_loss"]) for p, q in zip(plain, z, strict=True) if "val_loss" in p]
+    assert vals and all(a == pytest.approx(b, rel=1e-6) for a, b in vals)
+
+
+def test_z_loss_term_is_its_coefficient_times_the_squared_log_sum_exp():
+    from trainer.distributed import ONE_PROCESS
+    from trainer.reporting import ZLoss
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(9, 16, generator=g), torch.randn(50, 16, generator=g)
+    labels = torch.tensor([3, -100, 7, 49, -100, 0, 11, -100, 2])
+    z = ZLoss(0.1, masked_linear_cross_entropy, torch.device("cpu"))
+    loss = z.wrap(masked_linear_cross_entropy)(hidden, weight, labels, reduction="sum")
+    logits, valid = (hidden.double() @ weight.double().T), labels != -100
+    lse = torch.logsumexp(logits[valid], dim=-1)
+    ce = torch.nn.functional.cross_entropy(logits[valid], labels[valid], reduction="sum")
+    assert float(loss) == pytest.approx(float(ce + 0.1 * (lse**2).sum()), rel=1e-5)
+    assert z.take(ONE_PROCESS)["z_loss"] == pytest.approx(float(0.1 * (lse**2).mean()), rel=1e-5)
+    with torch.no_grad():  # validation: cross-entropy alone, nothing counted
+        assert float(z.wrap(masked_linear_cross_entropy)(hidden, weight, labels, reduction="sum")) == (
+            pytest.approx(float(ce), rel=1e-5)
+        )
+    assert z.take(ONE_PROCESS)["z_loss"] == 0.0
+
+
 # ------------------------------------------------------------------------------- loss normalisation
 
 
