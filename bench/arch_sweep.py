@@ -86,6 +86,11 @@ def build(model_type: str, vocab: int):
 ATTENTION_KINDS = ("full_attention", "sliding_attention")
 
 
+# layer_types names of token mixers other than attention across transformers' families, tried when the
+# family's sources do not name one on a line with `layer_types`
+_MIXER_KINDS = ("conv", "linear_attention", "mamba", "hybrid", "recurrent")
+
+
 def _with_every_layer_kind(config, model) -> None:
     """Make a hybrid's tiny config build its non-attention layers. A default config cut to 2 layers may build
     none: LFM2's default is all attention, so it passed as attention-only and its short convolutions, which
@@ -116,6 +121,7 @@ def _with_every_layer_kind(config, model) -> None:
             re.findall(r"[\"'](\w+)[\"']", line) for line in sources.splitlines() if "layer_types" in line
         )
         others = sorted({k for words in quoted for k in words if k not in ATTENTION_KINDS})
+    others = others or list(_MIXER_KINDS)  # older sources spell it on another line (LFM2 in 5.21: "conv")
     per_layer = {
         k: v for k, v in vars(config).items() if isinstance(v, list) and len(v) == config.num_hidden_layers
     }

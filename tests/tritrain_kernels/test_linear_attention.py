@@ -51,6 +51,15 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+def _transformers_rule(q, k, v, decay, beta):
+    """transformers' torch fallback on one conversation, q/k repeated to the value heads first as its
+    GatedDeltaNet forward does (transformers 5.21 repeats them in the forward; later releases inside)."""
+    rep = v.shape[2] // q.shape[2]
+    q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
+    return hf.torch_chunk_gated_delta_rule(q, k, v, decay, beta, use_qk_l2norm_in_kernel=True,
+                                           output_final_state=True)  # fmt: skip
+
+
 @pytest.mark.parametrize("name", LENGTHS)
 def test_chunk_matches_transformers_per_sequence(name):
     lengths = LENGTHS[name]
@@ -59,12 +68,7 @@ def test_chunk_matches_transformers_per_sequence(name):
     ours, final = chunk_gated_delta_rule_varlen(
         *inputs, cu_seqlens=_cu(lengths), use_qk_l2norm_in_kernel=True, output_final_state=True
     )
-    parts = [
-        hf.torch_chunk_gated_delta_rule(
-            *(x[:, a:b] for x in inputs), use_qk_l2norm_in_kernel=True, output_final_state=True
-        )
-        for a, b in zip(cu[:-1], cu[1:], strict=True)
-    ]
+    parts = [_transformers_rule(*(x[:, a:b] for x in inputs)) for a, b in zip(cu[:-1], cu[1:], strict=True)]
     theirs = torch.cat([p[0] for p in parts], dim=1)
     assert _rel(ours, theirs) < TOL[torch.float32]
     assert _rel(final, torch.cat([p[1] for p in parts])) < TOL[torch.float32]
