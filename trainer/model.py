@@ -644,8 +644,12 @@ def load_model(cfg, device: str | None = None, *, tokenizer=None) -> tuple[torch
             model = Glm4ForCausalLM(Glm4Config(**spec))
         model.name_or_path = "demo"
     else:
-        remote = cfg.trust_remote_code
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, trust_remote_code=remote)
+        # use_kernels=False: transformers >= 5.25 (with Hugging Face's `kernels`) kernelizes by default, which
+        # routes Gated DeltaNet's functions past the packed ones and fetches hub code at run time; the
+        # packed path installs its own per layer
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_kernels=False
+        )
     return model.to(device=device, dtype=dtype), tokenizer
 
 

@@ -49,6 +49,7 @@ def load_nf4(cfg, device: torch.device, *, tokenizer=None):
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model, dtype=COMPUTE_DTYPE, quantization_config=nf4_config(["lm_head"]), device_map={"": device},
         trust_remote_code=cfg.trust_remote_code,  # as load_model: a model that ships its own code needs it
+        use_kernels=False,  # as load_model
     )  # fmt: skip
     return _no_cpu_repacking(model), tokenizer
 

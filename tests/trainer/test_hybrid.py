@@ -3,6 +3,7 @@ convolution and recurrent state at every conversation of a packed row. ``check``
 padded path, one conversation per row) passes on tiny random models, and fails by far more than its
 tolerance when either reset is dropped."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -101,3 +102,27 @@ def test_unpacked_forward_is_transformers_own(monkeypatch):
     with torch.no_grad():
         assert torch.equal(model(ids, use_cache=False).logits, before)
         assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), greedy)
+
+
+def test_a_saved_hybrid_trains_packed_from_its_directory(tmp_path):
+    """Loaded with from_pretrained as users load it: transformers 5.25 kernelizes such a model by default
+    (``use_kernels``), which sent the Gated DeltaNet past the packed functions into a refusal; the trainer
+    loads without hub kernels, and two steps with generation eval run."""
+    from trainer.config import load_config
+    from trainer.data import DEMO_TRAIN_FILE, DEMO_VAL_FILE, load_tokenizer
+    from trainer.train import train
+
+    tokenizer = load_tokenizer("demo")
+    model = arch_sweep.build("qwen3_5_text", len(tokenizer))
+    model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    for name, source, n in (("train", DEMO_TRAIN_FILE, 8), ("val", DEMO_VAL_FILE, 4)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(source.open().readlines()[:n]))
+    args = ["--model", str(tmp_path / "model"), "--max-steps", "2", "--eval-every", "2",
+            "--eval-generate", "2",
+            "--eval-max-new-tokens", "4", "--max-length", "1024", "--max-tokens", "1024",
+            "--train-file", str(tmp_path / "train.jsonl"), "--val-file", str(tmp_path / "val.jsonl"),
+            "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    result = train(load_config(args))
+    assert result["steps"] == 2 and all(math.isfinite(x) for x in result["losses"])
