@@ -1006,7 +1006,7 @@ def masked_linear_cross_entropy_ref(
         logits = softcap * torch.tanh(logits / softcap)
     y = labels.reshape(-1).long()
     valid = y != ignore_index
-    n_valid = int(valid.sum())
+    n_valid = valid.sum().to(dt)  # a tensor: the reference stays free of host syncs, as the trainer's step
     cw = None if ce_weight is None else ce_weight.detach().to(dt)
     ce = F.cross_entropy(
         logits, y, weight=cw, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
@@ -1023,15 +1023,11 @@ def masked_linear_cross_entropy_ref(
             return rows.reshape(labels.shape)
         if reduction == "sum":
             return rows.sum()
-        if n_valid == 0:
-            return rows.sum() * 0.0
-        return rows.sum() / denom
+        # no valid row: every row is 0, so 0 with zero gradients
+        return rows.sum() / torch.where(denom > 0, denom, torch.ones_like(denom))
 
-    if reduction == "mean" and n_valid == 0:
-        loss = (logits.sum() * 0.0).to(dt)
-    else:
-        denom = n_valid if cw is None else cw[y[valid]].sum()
-        loss = reduce(ce, denom) + (reduce(z, n_valid) if lse_square_scale else 0.0)
+    denom = n_valid if cw is None else torch.where(valid, cw[torch.where(valid, y, 0)], 0.0).sum()
+    loss = reduce(ce, denom) + (reduce(z, n_valid) if lse_square_scale else 0.0)
     if not (return_z_loss or return_token_accuracy or return_predicted_tokens):
         return loss
     pred = torch.where(valid, logits.argmax(dim=-1), -1)
@@ -1039,7 +1035,7 @@ def masked_linear_cross_entropy_ref(
     if reduction == "none":
         accuracy = hit.reshape(labels.shape)
     else:
-        accuracy = hit.sum() / max(n_valid, 1)
+        accuracy = hit.sum() / n_valid.clamp_min(1)
     return CrossEntropyOutput(
         loss=loss,
         z_loss=reduce(z, n_valid).detach() if return_z_loss else None,
