@@ -254,19 +254,22 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # q and dO of the group's first query head, advanced one head per iteration: recomputing h * stride in
-    # int64 in the loop spilled (sm_90, sm_100), and the int32 product of the original wrapped
+    # int64 in the loop spilled (sm_90, sm_100), and the int32 product of the original wrapped; Lse and
+    # Delta advance the same way (int32 offsets, see INT32_STRIDES: an int64 base spilled on sm_80 with
+    # Triton 3.6, and h * stride_lh recomputed per iteration spilled on sm_90/sm_100 with Triton 3.6)
     q_base = Q + (hk * group).to(tl.int64) * stride_qh
     do_base = dO + (hk * group).to(tl.int64) * stride_doh
-    for h in range(hk * group, hk * group + group):
+    lse_base = Lse + hk * group * stride_lh
+    delta_base = Delta + hk * group * stride_lh
+    for _ in range(group):
         for m0 in range(lo, hi, BLOCK_M):
             qi = m0 + offs_m
             rows = (start + qi).to(tl.int64)
             q_mask = _tile_mask(qi < seqlen, offs_d, head_dim, EVEN_D)
             q = tl.load(_tile(q_base, rows, stride_qt, offs_d), mask=q_mask, other=0.0)
             do = tl.load(_tile(do_base, rows, stride_dot, offs_d), mask=q_mask, other=0.0)
-            # int32 head offsets into Lse and Delta: _check keeps Hq·T < 2^31 (int64 ones spill on sm_100)
-            lse = tl.load(Lse + h * stride_lh + rows, mask=qi < seqlen, other=0.0)
-            delta = tl.load(Delta + h * stride_lh + rows, mask=qi < seqlen, other=0.0)
+            lse = tl.load(lse_base + rows, mask=qi < seqlen, other=0.0)
+            delta = tl.load(delta_base + rows, mask=qi < seqlen, other=0.0)
             # transposed scores [BLOCK_N, BLOCK_M]: keys along rows
             s = _scores(_dot(k, tl.trans(q), DOT_DTYPE), sm_scale, softcap, SOFTCAP)
             p = tl.exp2(s - lse[None, :])
@@ -282,6 +285,8 @@ def _bwd_dkdv_kernel(
             dk += _dot(ds.to(q.dtype), q, DOT_DTYPE)
         q_base += tl.cast(stride_qh, tl.int64)
         do_base += tl.cast(stride_doh, tl.int64)
+        lse_base += stride_lh
+        delta_base += stride_lh
 
     tl.store(
         _tile(dK + hk.to(tl.int64) * stride_dkh, kv_rows, stride_dkt, offs_d), dk * sm_scale, mask=kv_mask
@@ -339,7 +344,8 @@ def _gpu_config(kernel: str, block_d: int, arch: int = 9) -> tuple[int, int, int
     table = {
         "fwd": {128: (128, 64, 8, 2), 256: (64, 64, 8, 2)},
         "dq": {128: (64, 32, 4, 2), 256: (32, 32, 4, 2)},
-        "dkdv": {128: (32, 64, 8, 2), 256: (32, 32, 8, 1)},
+        # D = 16 with 2 stages: Triton 3.6's ptxas spills 16 bytes on sm_80 (the floors' Triton)
+        "dkdv": {16: (32, 32, 4, 1), 128: (32, 64, 8, 2), 256: (32, 32, 8, 1)},
     }[kernel]
     return table.get(block_d, small)
 
