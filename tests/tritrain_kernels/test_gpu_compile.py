@@ -145,9 +145,9 @@ def _spec_key(constexprs, grad_dtype, num_warps):
     return tuple(sorted(constexprs.items())) + (grad_dtype, num_warps)
 
 
-def test_masked_ce_launches_are_in_compile_specs(monkeypatch):
-    # Record what the launcher really launches (through the interpreter) over forward and backward,
-    # fp32 and bf16, each option, both row configurations; each must be a compile spec.
+def record_ce_launches(monkeypatch) -> set:
+    """masked_ce's row kernel replaced by one that records each launch's spec key, then launches it: the
+    returned set fills as the launcher runs (through the interpreter)."""
     launched = set()
     real = mc._ce_rows_kernel
 
@@ -162,6 +162,21 @@ def test_masked_ce_launches_are_in_compile_specs(monkeypatch):
             return launch
 
     monkeypatch.setattr(mc, "_ce_rows_kernel", Recording())
+    return launched
+
+
+def assert_launches_compiled(launched: set) -> None:
+    """Every recorded launch is one of masked_ce's compile specs."""
+    specs = {
+        _spec_key(s["constexprs"], s["signature"]["grad_ptr"][1:], s["num_warps"]) for s in mc.compile_specs()
+    }
+    assert launched and launched <= specs, sorted(launched - specs)
+
+
+def test_masked_ce_launches_are_in_compile_specs(monkeypatch):
+    # Record what the launcher really launches (through the interpreter) over forward and backward,
+    # fp32 and bf16, each option, both row configurations; each must be a compile spec.
+    launched = record_ce_launches(monkeypatch)
     gen = torch.Generator().manual_seed(0)
     for V in (50, 8200, 8208):  # 8200 is not 16-divisible: the narrow block (see _row_config)
         for dtype in (torch.float32, torch.bfloat16):
@@ -175,7 +190,4 @@ def test_masked_ce_launches_are_in_compile_specs(monkeypatch):
                 mc._masked_lce(h, w, y, reduction="none", impl="triton", **opts).sum().backward()
                 with torch.no_grad():
                     mc._masked_lce(h, w, y, impl="triton", **opts)
-    specs = {
-        _spec_key(s["constexprs"], s["signature"]["grad_ptr"][1:], s["num_warps"]) for s in mc.compile_specs()
-    }
-    assert launched and launched <= specs, sorted(launched - specs)
+    assert_launches_compiled(launched)

@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tritrain_kernels.masked_ce as mc
 from tests.synccount import count_syncs
+from tests.tritrain_kernels.test_gpu_compile import assert_launches_compiled, record_ce_launches
 from tests.tritrain_kernels.test_masked_ce import IMPLS, TOL, _inputs
 from tritrain_kernels import CrossEntropyOutput, masked_linear_cross_entropy, masked_linear_cross_entropy_ref
 from tritrain_kernels.masked_ce import _masked_lce
@@ -354,27 +355,10 @@ def test_liger_option_errors():
 # ----------------------------------------------------------------------------- compile specifications
 
 
-def _spec_key(constexprs, grad_dtype, num_warps):
-    return tuple(sorted(constexprs.items())) + (grad_dtype, num_warps)
-
-
 def test_liger_launches_are_in_compile_specs(monkeypatch):
     # What the launcher really launches with the new options (forward, backward's recompute for "none",
     # no_grad; fp32 and bf16; both row configurations) must each be a compile spec.
-    launched = set()
-    real = mc._ce_rows_kernel
-
-    class Recording:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                meta = {k: v for k, v in kwargs.items() if k != "num_warps"}
-                dt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[args[1].dtype]
-                launched.add(_spec_key(meta, dt, kwargs["num_warps"]))
-                return real[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(mc, "_ce_rows_kernel", Recording())
+    launched = record_ce_launches(monkeypatch)
     gen = torch.Generator().manual_seed(0)
     for V in (50, 8208):
         cw = _class_weight(V)
@@ -388,9 +372,6 @@ def test_liger_launches_are_in_compile_specs(monkeypatch):
                 _masked_lce(h, w, y, reduction="none", impl="triton", **opts).sum().backward()
                 with torch.no_grad():
                     _masked_lce(h, w, y, impl="triton", **opts)
-    specs = {
-        _spec_key(s["constexprs"], s["signature"]["grad_ptr"][1:], s["num_warps"]) for s in mc.compile_specs()
-    }
-    assert launched and launched <= specs, sorted(launched - specs)
+    assert_launches_compiled(launched)
     first = mc.compile_specs()[0]["constexprs"]  # the quick compile test's spec: the heaviest
     assert all(v for k, v in first.items() if k not in ("HAS_ROW_SCALE", "BLOCK_V")), first
