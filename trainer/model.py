@@ -17,7 +17,6 @@ own arguments at run time must agree, so no feature is ever dropped.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import os
 import weakref
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from trainer.packing import PackedBatch
+from tritrain_kernels.hf import decoder_of as _hf_decoder_of
 from tritrain_kernels.varlen_attention import AttentionNeeds, choose_backend, select_backend, varlen_attention
 
 ATTN_NAME = "tritrain_varlen"
@@ -147,30 +147,14 @@ def _text_config(config):
 
 
 def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The module that maps ``input_ids`` to the final hidden states (``last_hidden_state``): transformers'
-    ``get_decoder()``, unless what that finds is not such a module (ModernBERT-decoder keeps its vocabulary
-    projection, an nn.Linear, in ``self.decoder``), then the base model (``model.<base_model_prefix>``).
-    ValueError, in one line, when neither takes ``input_ids``."""
-    base = _base_model(model)
-    candidates = [
-        base.get_decoder() if hasattr(base, "get_decoder") else None,
-        getattr(base, "base_model", None),
-    ]
-    for module in candidates:
-        if module is not None and module is not base and _takes_input_ids(module):
-            return module
-    raise ValueError(
-        f"{type(base).__name__}: found no decoder module that takes input_ids (get_decoder() is a "
-        f"{type(candidates[0]).__name__}); the packed path needs the final hidden states, so this model is "
-        "not supported"
+    """The module that maps ``input_ids`` to the final hidden states (``last_hidden_state``) of a possibly
+    PEFT-wrapped model: :func:`tritrain_kernels.hf.decoder_of` (``get_decoder()``, unless that is not such a
+    module, as ModernBERT-decoder's vocabulary projection, then the base model). ValueError, in one line,
+    when neither takes ``input_ids``."""
+    return _hf_decoder_of(
+        _base_model(model),
+        needs="the packed path needs the final hidden states, so this model is not supported",
     )
-
-
-def _takes_input_ids(module: torch.nn.Module) -> bool:
-    try:
-        return "input_ids" in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):  # no signature to read
-        return False
 
 
 def _is_attention(module: torch.nn.Module) -> bool:

@@ -98,7 +98,9 @@ def use_masked_ce(model: torch.nn.Module, *, check: bool = True) -> torch.nn.Mod
     _PATCHES.add(forward)
     causal.forward = forward
     if getattr(causal, "_masked_ce_guard", None) is None:
-        causal._masked_ce_guard = _decoder(causal).register_forward_pre_hook(_guard(causal), with_kwargs=True)
+        causal._masked_ce_guard = decoder_of(causal).register_forward_pre_hook(
+            _guard(causal), with_kwargs=True
+        )
     if trl_head:
         warnings.warn(
             "use_masked_ce: under TRL's SFTTrainer the fused masked loss gives the loss and mean_token_accuracy "
@@ -200,9 +202,10 @@ def _head(causal) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
     return head.weight, head.bias, float(softcap) if softcap else None
 
 
-def _decoder(causal) -> torch.nn.Module:
+def decoder_of(causal, needs: str = "use_masked_ce needs the final hidden states") -> torch.nn.Module:
     """The module that maps ``input_ids`` to the final hidden states: ``get_decoder()``, unless that is not
-    one (ModernBERT-decoder's ``self.decoder`` is its vocabulary projection), then the base model."""
+    one (ModernBERT-decoder's ``self.decoder`` is its vocabulary projection), then the base model.
+    ValueError, in one line ending with ``needs``, when neither takes ``input_ids``."""
     candidates = [causal.get_decoder() if hasattr(causal, "get_decoder") else None]
     candidates.append(getattr(causal, causal.base_model_prefix, None))
     for module in candidates:
@@ -210,7 +213,7 @@ def _decoder(causal) -> torch.nn.Module:
             return module
     raise ValueError(
         f"{type(causal).__name__}: found no decoder module that takes input_ids (get_decoder() is a "
-        f"{type(candidates[0]).__name__}); use_masked_ce needs the final hidden states"
+        f"{type(candidates[0]).__name__}); {needs}"
     )
 
 
@@ -231,7 +234,7 @@ def _check_head(causal) -> None:
     try:
         vocab = min(weight.shape[0], embeddings.shape[0])  # Inkling 2: more head rows than input tokens
         ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
-        hidden = _decoder(causal)(input_ids=ids.to(embeddings.device), use_cache=False).last_hidden_state
+        hidden = decoder_of(causal)(input_ids=ids.to(embeddings.device), use_cache=False).last_hidden_state
         if hidden.shape[-1] != weight.shape[1]:  # ELECTRA, RemBERT: a projection between decoder and head
             raise ValueError(
                 f"{causal.config.model_type}: the logits are not lm_head(final hidden states): lm_head takes "
@@ -260,7 +263,7 @@ def _forward_with_loss(causal, arguments: dict):
     loss_kwargs = {k: arguments.pop(k) for k in LOSS_KWARGS if k in arguments}
     arguments.pop("logits_to_keep", None)  # the loss needs every position
     return_dict = arguments.pop("return_dict", None)
-    outputs = _decoder(causal)(**arguments)
+    outputs = decoder_of(causal)(**arguments)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     loss = causal_lm_loss(hidden, labels, *_head(causal), **loss_kwargs)
     fields = CausalLMOutputWithPast.__dataclass_fields__
@@ -285,7 +288,7 @@ def _forward_fused(causal, arguments: dict):
     for name in ("logits_to_keep", "return_dict", "ignore_index"):
         arguments.pop(name, None)
     arguments["use_cache"] = False
-    outputs = _decoder(causal)(**arguments)
+    outputs = decoder_of(causal)(**arguments)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     weight, bias, softcap = _head(causal)
     shifted = shift_labels is None
