@@ -10,7 +10,12 @@ On the first packed rows of the configured training data, compute the loss and t
   cross-entropy with transformers' shift, in chunks of positions (``padded_loss_sum``: bounded memory,
   never the ``[tokens, vocab]`` logits that ``labels=`` would build).
 
-Both paths sum their per-token losses and divide by the same total count. LoRA's B matrices start at zero,
+Both paths sum their per-token losses and divide by the same total count. With a preference objective
+(``--objective dpo``, ``simpo``, ``orpo``) the rows are packed pairs and the Hugging Face path scores each
+conversation alone, unpadded, summing the log-probabilities of the answer's tokens from the same chunked
+head (the reference with the adapter off); both paths then apply the same pair loss over the same pairs.
+
+LoRA's B matrices start at zero,
 which would make every A gradient zero; the check gives them small random values first so that every
 adapter gradient is exercised. Dropout is off (eval mode) so that both paths see the same function.
 """
@@ -27,6 +32,14 @@ import torch.utils.checkpoint
 from trainer.config import ConfigError, TrainConfig, load_config
 from trainer.model import decoder_of, head_scale, hf_reference_attention, prepare_model, resolve_dtype
 from trainer.packing import collate_packed, epoch_rows, pack, pad_collate
+from trainer.preference import (
+    PreferenceLoss,
+    collate_pairs,
+    demo_pairs,
+    encode_pairs,
+    pack_pairs,
+    pair_losses,
+)
 from trainer.train import forward_backward
 from tritrain_kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
 
@@ -130,6 +143,35 @@ def _hf_forward_backward(model, padded_batches, head, device, autocast) -> torch
     return total / total_targets
 
 
+def _hf_logp_sums(model, sequences, head, device, autocast, pad_id: int = 0) -> torch.Tensor:
+    """[len(sequences)] log-prob sums of each sequence's scored tokens: the plain HF path on each alone."""
+    return torch.stack([-padded_loss_sum(model, pad_collate([s], pad_id).to(device), head, autocast)
+                        for s in sequences])  # fmt: skip
+
+
+def _hf_preference_forward_backward(model, objective, rows, packed, head, device, autocast) -> torch.Tensor:
+    """The step's preference loss through the plain HF path, pair by pair, with our rows' denominators."""
+    pairs, chosen_tokens = objective.totals(packed)
+    total = torch.zeros((), device=device)
+    for sequences, batch in zip(rows, packed, strict=True):
+        for p in range(batch.num_pairs):
+            pair = sequences[2 * p : 2 * p + 2]
+            policy = _hf_logp_sums(model, pair, head, device, autocast).view(1, 2)
+            reference = None
+            if objective.kind == "dpo":
+                with torch.no_grad(), model.disable_adapter():
+                    reference = _hf_logp_sums(model, pair, head, device, autocast).view(1, 2)
+            losses, _, _ = pair_losses(objective.kind, policy, batch.counts[p : p + 1].to(device), reference,
+                                       beta=objective.beta, label_smoothing=objective.label_smoothing,
+                                       simpo_gamma=objective.simpo_gamma)  # fmt: skip
+            loss = losses.sum() / pairs
+            if objective.kind == "orpo":
+                loss = loss - policy[0, 0] / chosen_tokens
+            loss.backward()
+            total += loss.detach()
+    return total
+
+
 def run_check(cfg: TrainConfig, *, num_batches: int = 2, tolerance: float | None = None) -> dict:
     """Compare loss and LoRA gradients of the packed/fused path with the padded HF path on the first
     ``num_batches`` packed rows of ``cfg.train_file``. Returns a dict: ``loss_ours``, ``loss_hf`` (mean
@@ -146,10 +188,15 @@ def run_check(cfg: TrainConfig, *, num_batches: int = 2, tolerance: float | None
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     cfg = dataclasses.replace(cfg, template=resolve_template(cfg.template, tokenizer))
     path = DEMO_TRAIN_FILE if cfg.train_file == "demo" else cfg.train_file
-    data, summary = encode_file(
-        path, tokenizer, template=cfg.template, loss_on=cfg.loss_on, max_length=cfg.max_length,
-        overlong=cfg.overlong, progress=False,
-    )  # fmt: skip
+    if cfg.objective != "sft":
+        records = demo_pairs(path) if cfg.train_file == "demo" else None
+        data, summary = encode_pairs(path, tokenizer, template=cfg.template, max_length=cfg.max_length,
+                                     records=records)  # fmt: skip
+    else:
+        data, summary = encode_file(
+            path, tokenizer, template=cfg.template, loss_on=cfg.loss_on, max_length=cfg.max_length,
+            overlong=cfg.overlong, progress=False,
+        )  # fmt: skip
     if len(data) == 0:
         raise CheckError(f"{path}: no conversation left to check (all dropped or without targets)")
     torch.manual_seed(cfg.seed)
@@ -162,10 +209,14 @@ def run_check(cfg: TrainConfig, *, num_batches: int = 2, tolerance: float | None
     tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
     loss_fn = masked_linear_cross_entropy if cfg.loss_backend == "fused" else masked_linear_cross_entropy_ref
 
-    rows = epoch_rows(pack(data, cfg.max_tokens), seed=cfg.seed)[:num_batches]  # training's first rows
-    packed = [collate_packed(data, row) for row in rows]
+    preference = cfg.objective != "sft"
+    bins = pack_pairs(data, cfg.max_tokens) if preference else pack(data, cfg.max_tokens)
+    rows = epoch_rows(bins, seed=cfg.seed)[:num_batches]  # training's first rows
+    packed = [(collate_pairs if preference else collate_packed)(data, row) for row in rows]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    padded = [pad_collate([data[i] for i in row], pad_id) for row in rows]
+    sequences = [[data[s] for p in row for s in (2 * p, 2 * p + 1)] if preference else [data[i] for i in row]
+                 for row in rows]  # fmt: skip
+    padded = [pad_collate(row, pad_id) for row in sequences]
     loss_tokens = sum(b.num_loss_tokens for b in packed)
     if loss_tokens == 0:
         raise CheckError(
@@ -174,12 +225,27 @@ def run_check(cfg: TrainConfig, *, num_batches: int = 2, tolerance: float | None
 
     base = model.get_base_model()
     default_attn = hf_reference_attention(model)  # prepare_model installed varlen attention for ours
-    loss_ours = forward_backward(model, packed, head, loss_fn, device, autocast).item()
+    if preference:
+        objective = PreferenceLoss(
+            cfg.objective, loss_fn, device, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+            simpo_gamma=cfg.simpo_gamma,
+        )  # fmt: skip
+        loss_ours = objective.forward_backward(
+            model, [(b, 1.0) for b in packed], packed, head, device, autocast
+        )
+    else:
+        loss_ours = forward_backward(model, packed, head, loss_fn, device, autocast)
+    loss_ours = loss_ours.item()
     grads_ours = _lora_grads(model)
     model.zero_grad(set_to_none=True)
 
     base.set_attn_implementation(default_attn)
-    loss_hf = _hf_forward_backward(model, padded, head, device, autocast).item()
+    if preference:
+        loss_hf = _hf_preference_forward_backward(
+            model, objective, sequences, packed, head, device, autocast
+        ).item()
+    else:
+        loss_hf = _hf_forward_backward(model, padded, head, device, autocast).item()
     grads_hf = _lora_grads(model)
     model.zero_grad(set_to_none=True)
 
@@ -198,7 +264,7 @@ def run_check(cfg: TrainConfig, *, num_batches: int = 2, tolerance: float | None
         grad_rel_diff=grad_rel,
         worst_param=worst,
         num_batches=len(rows),
-        conversations=sum(len(r) for r in rows),
+        conversations=sum(len(r) for r in sequences),
         tokens=sum(b.num_tokens for b in packed),
         padded_slots=sum(b.input_ids.numel() for b in padded),
         loss_tokens=loss_tokens,
@@ -208,6 +274,7 @@ def run_check(cfg: TrainConfig, *, num_batches: int = 2, tolerance: float | None
         tolerance=tolerance,
         passed=passed,
         template=cfg.template,
+        objective=cfg.objective,
         data=summary,
     )
 
@@ -216,16 +283,25 @@ def format_report(r: dict) -> str:
     summary = r["data"]
     lines = [f"template: {r['template']}", summary.format()]
     if summary.skipped_template:
-        lines.append(f"the template rejected {summary.skipped_template} of {summary.conversations} "
-                     "conversations: they are neither trained nor checked")  # fmt: skip
+        total, what = (
+            (summary.pairs, "pairs") if r["objective"] != "sft" else (summary.conversations, "conversations")
+        )
+        lines.append(f"the template rejected {summary.skipped_template} of {total} {what}: they are neither "
+                     "trained nor checked")  # fmt: skip
+    loss = (
+        "loss (mean per target token)"
+        if r["objective"] == "sft"
+        else f"{r['objective']} loss (mean per pair)"
+    )
     lines += [
         f"check: {r['num_batches']} packed rows, {r['conversations']} conversations, {r['tokens']} tokens "
         f"({r['padded_slots']} padded slots)",
         "",
-        "| path | loss (mean per target token) | target tokens |",
+        f"| path | {loss} | target tokens |",
         "|---|---|---|",
         f"| ours: packed, varlen attention, fused masked loss | {r['loss_ours']:.6f} | {r['loss_tokens']} |",
-        f"| Hugging Face: padded, {r['hf_attention']} attention, its lm_head | {r['loss_hf']:.6f} "
+        f"| Hugging Face: {'padded' if r['objective'] == 'sft' else 'each conversation alone'}, "
+        f"{r['hf_attention']} attention, its lm_head | {r['loss_hf']:.6f} "
         f"| {r['hf_loss_tokens']} |",
         "",
         f"Hugging Face {r['hf_loss']}",

@@ -61,6 +61,17 @@ class TrainConfig:
     # z-loss coefficient (PaLM: 1e-4): adds z_loss * logsumexp(logits)^2 per trained token; 0: off
     z_loss: float = 0.0
 
+    # preference fine-tuning
+    # "sft": learn the assistant turns of conversations; "dpo", "simpo" or "orpo": learn from preference
+    # pairs, records {"prompt": [...], "chosen": [...], "rejected": [...]} (strings or messages)
+    objective: str = "sft"
+    beta: float = 0.1  # dpo: tie to the reference (TRL's beta); simpo: reward scale; orpo: lambda
+    label_smoothing: float = 0.0  # dpo, simpo: chance that a pair's preference is flipped (conservative DPO)
+    simpo_gamma: float = 0.5  # simpo: the reward margin a chosen answer must win by
+    ref_logps: str = (
+        "step"  # dpo: reference log-probs (adapter off) "step": in each step; "cached": once at start
+    )
+
     # LoRA
     lora_r: int = 8  # rank of the adapter
     lora_alpha: float = 32.0  # scaling numerator: the update is scaled by alpha / r
@@ -108,6 +119,10 @@ DEMO = dict(
     save_every=100,
     output_dir="outputs/demo",
 )
+
+# The demo with a preference objective: pairs of a prompt, its answer and another conversation's answer
+# (trainer/preference.py: demo_pairs), two conversations to a pair in a row.
+DEMO_PREFERENCE = dict(max_tokens=2048, max_steps=60, lr=2e-3, eval_every=20, save_every=30)
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -183,6 +198,8 @@ def _check(cfg: TrainConfig) -> None:
         "template": ("auto", "glm4", "chat_template"),
         "parallel": ("ddp", "fsdp"),
         "quantize": ("none", "nf4"),
+        "objective": ("sft", *PREFERENCE_OBJECTIVES),
+        "ref_logps": ("step", "cached"),
     }
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -200,6 +217,7 @@ def _check(cfg: TrainConfig) -> None:
             f"max_tokens={cfg.max_tokens} is less than max_length={cfg.max_length}: the longest "
             "conversations would not fit in a packed row; raise max_tokens or lower max_length"
         )
+    _check_preference(cfg)
     if not 0 <= cfg.lora_dropout < 1:
         raise ConfigError(f"lora_dropout: must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.patience > 0 and not cfg.val_file:
@@ -211,6 +229,25 @@ def _check(cfg: TrainConfig) -> None:
         from trainer.resume import check_override_keys
 
         check_override_keys(cfg)
+
+
+PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo")
+
+
+def _check_preference(cfg: TrainConfig) -> None:
+    if cfg.objective == "sft":
+        return
+    if cfg.beta <= 0 or not 0 <= cfg.label_smoothing < 0.5:
+        raise ConfigError(f"beta must be positive and label_smoothing in [0, 0.5), got {cfg.beta} and "
+                          f"{cfg.label_smoothing}")  # fmt: skip
+    if cfg.max_tokens < 2 * cfg.max_length:
+        raise ConfigError(
+            f"objective {cfg.objective}: max_tokens={cfg.max_tokens} is less than twice "
+            f"max_length={cfg.max_length}: a pair's chosen and rejected conversations share a packed row; "
+            "raise max_tokens or lower max_length"
+        )
+    if cfg.z_loss:
+        raise ConfigError(f"z_loss applies to objective sft, not {cfg.objective}; set z_loss 0")
 
 
 def _check_output_dir(output_dir: str) -> None:
@@ -290,7 +327,8 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     _apply(values, from_file, str(config_file))
     _apply(values, cli, "command line", from_cli=True)
     if values.get("model", TrainConfig.model) == "demo":
-        values = {**DEMO, **values}
+        preference = values.get("objective", TrainConfig.objective) != "sft"
+        values = {**DEMO, **(DEMO_PREFERENCE if preference else {}), **values}
     cfg = TrainConfig(**values)
     _check(cfg)
     return cfg

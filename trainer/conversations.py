@@ -189,10 +189,15 @@ def iter_items(path, loaded=None) -> list[tuple[int, str | dict]]:
 
 
 def as_record(item: str | dict) -> dict:
+    """The record as ``{"messages": ...}``: ShareGPT is converted, and a preference pair reads as its
+    prompt and chosen answer, the answer alone trained (so SFT and ``eval_generate`` take a preference
+    file as it is)."""
     record = parse_json_record(item) if isinstance(item, str) else item
     if "messages" not in record:
         if "conversations" in record:
             return from_sharegpt(record)
+        if "chosen" in record:
+            return preference_records(record)[0]
         raise Problem("missing 'messages'")
     return record
 
@@ -212,6 +217,63 @@ def load_conversations(path) -> list[dict]:
     if not records:
         raise DataError(f"{path}:1: no conversations in the file")
     return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference pairs
+
+
+def _as_messages(value, role: str, key: str) -> list:
+    """A string is one ``role`` message; a message object is a list of one; a list is kept."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list):
+        return value
+    raise Problem(f"'{key}' must be a string or a list of messages, got {type(value).__name__}")
+
+
+def preference_pair(record: dict) -> tuple[list, list, list]:
+    """(prompt, chosen, rejected) message lists of a preference record: ``{"prompt", "chosen",
+    "rejected"}`` with strings (a user turn and assistant answers) or message lists (TRL's standard and
+    conversational forms), or TRL's implicit prompt: ``chosen`` and ``rejected`` whole conversations whose
+    common leading messages are the prompt. Each answer must hold an assistant message."""
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise Problem(f"a preference record needs 'prompt', 'chosen' and 'rejected'; missing '{key}'")
+    chosen = _as_messages(record["chosen"], "assistant", "chosen")
+    rejected = _as_messages(record["rejected"], "assistant", "rejected")
+    if record.get("prompt") is not None:
+        prompt = _as_messages(record["prompt"], "user", "prompt")
+    else:  # implicit prompt: the messages both conversations share
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    for key, answer in (("chosen", chosen), ("rejected", rejected)):
+        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in answer):
+            raise Problem(f"'{key}' has no assistant message to score")
+    if not prompt:
+        raise Problem("a preference record needs a prompt ('prompt', or leading messages chosen and "
+                      "rejected share)")  # fmt: skip
+    return prompt, chosen, rejected
+
+
+def _record_extras(record: dict) -> dict:
+    """The record-level keys a conversation carries besides its messages."""
+    return {k: record[k] for k in ("tools", "chat_template_kwargs") if record.get(k) is not None}
+
+
+def preference_records(record: dict) -> tuple[dict, dict]:
+    """The chosen and the rejected conversation of a preference record, each a ``{"messages"}`` record
+    whose prompt messages carry ``"loss": false``: only the answer is scored."""
+    prompt, chosen, rejected = preference_pair(record)
+    if isinstance(record.get("tools"), str):
+        record = {**record, "tools": _json_value(record["tools"], "'tools'")}  # TRL datasets keep JSON text
+    quiet = [{**m, "loss": False} if isinstance(m, dict) else m for m in prompt]
+    extras = _record_extras(record)
+    return {**extras, "messages": quiet + chosen}, {**extras, "messages": quiet + rejected}
 
 
 # ---------------------------------------------------------------------------------------------

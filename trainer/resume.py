@@ -14,7 +14,7 @@ from trainer.config import FIELDS, ConfigError, TrainConfig, show_value
 FREE = ("device", "attn_backend", "attn_dropout", "loss_backend", "gradient_checkpointing", "val_file",
         "log_every", "eval_every", "patience", "save_every", "save_merged", "output_dir", "resume",
         "resume_override", "report_to", "max_bad_steps", "eval_generate", "eval_max_new_tokens",
-        "metric_for_best")  # fmt: skip
+        "metric_for_best", "ref_logps")  # fmt: skip
 
 # Settings that can take a new value from the next step on: the optimizer's hyper-parameters, the schedule
 # (rebuilt from the config), the length of the run, the adapter's dropout and scaling, the compute dtype,

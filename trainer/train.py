@@ -45,6 +45,14 @@ from trainer.lock import output_dir_lock
 from trainer.model import decoder_hidden_states, prepare_model, resolve_device, resolve_dtype
 from trainer.packing import PackedBatch, collate_packed, epoch_rows, make_packed_batches, pack
 from trainer.parallel import Single, load_cpu, make_strategy
+from trainer.preference import (
+    PreferenceLoss,
+    collate_pairs,
+    demo_pairs,
+    encode_pairs,
+    pack_pairs,
+    pair_lengths,
+)
 from trainer.reporting import Reporters, TokenAccuracy, ZLoss
 from trainer.resume import apply_overrides, compare_with_checkpoint
 from trainer.sharded_load import fill_shards, load_skeleton
@@ -111,10 +119,13 @@ def parallel_step(
     trains on its share (``strategy.share``) with the loss divided by the target tokens of the whole
     group, then the strategy sums the gradients over the ranks. Returns (the step's loss, whether any
     rank asked to stop); every rank ends with the same loss and answer."""
-    num_loss_tokens = sum(b.num_loss_tokens for b in group)  # of every rank, known on the host: no sync
     mine = strategy.share(group)
-    loss = forward_backward(model, [b for b, _ in mine], head, loss_fn, device, autocast,
-                            num_loss_tokens=num_loss_tokens, weights=[w for _, w in mine])  # fmt: skip
+    if isinstance(loss_fn, PreferenceLoss):  # normalised by the step's pairs (trainer/preference.py)
+        loss = loss_fn.forward_backward(model, mine, group, head, device, autocast)
+    else:
+        num_loss_tokens = sum(b.num_loss_tokens for b in group)  # of every rank, known on the host: no sync
+        loss = forward_backward(model, [b for b, _ in mine], head, loss_fn, device, autocast,
+                                num_loss_tokens=num_loss_tokens, weights=[w for _, w in mine])  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
     return strategy.reduce(params, loss, interrupt)
 
@@ -139,8 +150,11 @@ def fused_loss(backend: str):
 @torch.no_grad()
 def evaluate(model, batches: list[PackedBatch], head, loss_fn, device, autocast, strategy=None) -> float:
     """Mean per-token loss over all target tokens of ``batches``; each rank computes its share of the
-    rows and the sums are added up, so every rank returns the same number."""
+    rows and the sums are added up, so every rank returns the same number. A preference objective
+    returns its mean loss per pair."""
     strategy = strategy or Single()
+    if isinstance(loss_fn, PreferenceLoss):
+        return loss_fn.evaluate(model, batches, head, device, autocast, strategy)
     model.eval()
     total = torch.zeros((), device=device, dtype=torch.float64)
     for batch, weight in strategy.share(batches):
@@ -332,6 +346,25 @@ class Run:
     z_loss: ZLoss | None = None  # the z-loss term, added and summed by the loss
     reporters: Reporters | None = None  # report_to: TensorBoard, W&B (rank 0)
     generation: evalgen.GenerationEval | None = None  # eval_generate: answers at each evaluation
+    preference: PreferenceLoss | None = None  # objective dpo/simpo/orpo: rows are pairs, rewards logged
+    collate: object = collate_packed  # (train_data, row) -> one packed micro-batch
+    row_lengths: object = None  # (train_data, row) -> the lengths of its conversations
+
+    def lengths(self, row: list[int]) -> list[int]:
+        if self.row_lengths is not None:
+            return self.row_lengths(self.train_data, row)
+        return [len(self.train_data[i].input_ids) for i in row]
+
+    def stats(self, mode: str = "train") -> dict:
+        """The objective's own metrics since the last call: token accuracy, z-loss, or rewards."""
+        if self.preference is not None:
+            return self.preference.take(self.strategy, mode)
+        if mode == "val":
+            return self.accuracy.take(self.strategy, "val")
+        return {
+            **self.accuracy.take(self.strategy),
+            **(self.z_loss.take(self.strategy) if self.z_loss else {}),
+        }
 
     def say(self, line: str) -> None:
         if self.world.is_main:
@@ -419,17 +452,23 @@ def setup(cfg: TrainConfig, world: World) -> Run:
     say(describe_template(asked, cfg.template))
     check_output_dir(cfg, out)  # settings changed since the checkpoint, or an old run in the way
 
+    preference = cfg.objective != "sft"  # rows of chosen/rejected pairs (trainer/preference.py)
+
     def encode(name: str, demo: Path):
-        data, summary = encode_file(
-            demo if name == "demo" else name, tokenizer, template=cfg.template, loss_on=cfg.loss_on,
-            max_length=cfg.max_length, overlong=cfg.overlong,
-        )  # fmt: skip
+        path = demo if name == "demo" else name
+        if preference:
+            data, summary = encode_pairs(path, tokenizer, template=cfg.template, max_length=cfg.max_length,
+                                         records=demo_pairs(demo) if name == "demo" else None)  # fmt: skip
+        else:
+            data, summary = encode_file(path, tokenizer, template=cfg.template, loss_on=cfg.loss_on,
+                                        max_length=cfg.max_length, overlong=cfg.overlong)  # fmt: skip
         say(summary.format())
         return data
 
     train_data = encode(cfg.train_file, DEMO_TRAIN_FILE)
     if len(train_data) == 0:
-        raise TrainingError(f"train_file {cfg.train_file}: no conversation left to train on (see above)")
+        what = "preference pair" if preference else "conversation"
+        raise TrainingError(f"train_file {cfg.train_file}: no {what} left to train on (see above)")
     val_data = encode(cfg.val_file, DEMO_VAL_FILE) if cfg.val_file else []
 
     model, tokenizer, softcap, host = setup_model(cfg, say=say, tokenizer=tokenizer, world=world)
@@ -450,7 +489,8 @@ def setup(cfg: TrainConfig, world: World) -> Run:
     # Every rank packs the same rows (deterministic for seed and epoch). A step takes the next
     # rows_per_step of them and each rank trains on its share: one step covers the same rows however
     # many ranks share it. The last step of an epoch may be short. No row is dropped.
-    bins = pack(train_data, cfg.max_tokens)  # the same rows every epoch; only their order changes
+    # the same rows every epoch; only their order changes (a preference row holds whole pairs)
+    bins = pack_pairs(train_data, cfg.max_tokens) if preference else pack(train_data, cfg.max_tokens)
     rows_per_step = cfg.grad_accum * world.size
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(bins) / rows_per_step)
 
@@ -464,13 +504,33 @@ def setup(cfg: TrainConfig, world: World) -> Run:
     loss_fn = fused_loss(cfg.loss_backend)
     accuracy = TokenAccuracy(loss_fn, device)  # counted by the loss in the same pass, when it can
     z_loss = ZLoss(cfg.z_loss, loss_fn, device)
-    return Run(
+    val_batches = make_packed_batches(val_data, cfg.max_tokens) if val_data and not preference else []
+    run = Run(
         cfg=cfg, world=world, strategy=strategy, model=model, tokenizer=tokenizer, head=head,
         loss_fn=accuracy.wrap(z_loss.wrap(loss_fn)), accuracy=accuracy, z_loss=z_loss, device=device,
         dtype=dtype, autocast=autocast, params=params, optimizer=optimizer, scheduler=scheduler, flops=flops,
         train_data=train_data, bins=bins, rows_per_step=rows_per_step, total_steps=total_steps, out=out,
-        state=state, val_batches=make_packed_batches(val_data, cfg.max_tokens) if val_data else [],
+        state=state, val_batches=val_batches,
     )  # fmt: skip
+    if preference:
+        setup_preference(run, loss_fn, val_data)
+    return run
+
+
+def setup_preference(run: Run, loss_fn, val_data) -> None:
+    """Rows of pairs and the preference loss in place of the token loss; ``ref_logps: cached``: the
+    reference log-probs of every pair, computed here once."""
+    cfg = run.cfg
+    run.preference = run.loss_fn = PreferenceLoss(
+        cfg.objective, loss_fn, run.device, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+        simpo_gamma=cfg.simpo_gamma,
+    )  # fmt: skip
+    run.collate, run.row_lengths = collate_pairs, pair_lengths
+    val_rows = pack_pairs(val_data, cfg.max_tokens) if val_data else []
+    run.val_batches = [collate_pairs(val_data, row) for row in val_rows]
+    if cfg.objective == "dpo" and cfg.ref_logps == "cached":
+        for mode, data, rows in (("train", run.train_data, run.bins), ("val", val_data, val_rows)):
+            run.preference.cache_reference(run.model, data, rows, run.head, run.strategy, run.autocast, mode)
 
 
 def resume(run: Run) -> None:
@@ -617,7 +677,7 @@ class Progress:
             "step": step, "epoch": run.state["epoch"], "loss": window["loss"] / max(1, window["steps"]),
             "lr": run.scheduler.get_last_lr()[0], "grad_norm": window["norm"],
             "tokens_per_s": window["tokens"] / seconds, "skipped": run.state["skipped"],
-            **run.accuracy.take(run.strategy), **(run.z_loss.take(run.strategy) if run.z_loss else {}),
+            **run.stats(),
         }  # fmt: skip
         line = (f"step {step}/{run.total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
                 f"grad norm {window['norm']:.3f}, {record['tokens_per_s']:.0f} tokens/s")  # fmt: skip
@@ -625,6 +685,8 @@ class Progress:
             line += f", acc {record['acc']:.3f}"
         if "z_loss" in record:
             line += f", z {record['z_loss']:.3g}"
+        if "rewards/margins" in record:
+            line += f", margin {record['rewards/margins']:.3f}, reward acc {record['rewards/accuracies']:.2f}"
         peak = peak_flops(run.device)
         if peak:  # global FLOPs over the peak of every process
             record["mfu"] = window["flops"] / seconds / (peak * run.world.size)
@@ -639,7 +701,7 @@ def run_eval(run: Run) -> bool:
     """Validation loss (and answers), best/ adapter, early stopping; True when patience is exhausted."""
     state = run.state
     val = evaluate(run.model, run.val_batches, run.head, run.loss_fn, run.device, run.autocast, run.strategy)
-    record = {"step": state["step"], "val_loss": val, **run.accuracy.take(run.strategy, "val")}
+    record = {"step": state["step"], "val_loss": val, **run.stats("val")}
     if run.generation is not None:
         record |= run.generation.run(run.model, state["step"])
     # every rank logs and judges rank 0's numbers: the generation metrics are each rank's own (an argmax
@@ -711,8 +773,8 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     try:
         for step_rows in next_steps(run):
             # collated step by step: the epoch's rows are never all held as tensors at once
-            group = [collate_packed(run.train_data, r) for r in step_rows]
-            lengths = [[len(run.train_data[i].input_ids) for i in r] for r in step_rows]
+            group = [run.collate(run.train_data, r) for r in step_rows]
+            lengths = [run.lengths(r) for r in step_rows]
             loss, norm, stop = train_step(run, group, interrupt.requested)
             state["step"] += 1
             state["row"] += len(group)
@@ -762,7 +824,9 @@ def _summary(run: Run) -> str:
         f"model {cfg.model}: {run.flops.total / 1e6:.1f}M parameters{quantized}, "
         f"{sum(p.numel() for p in run.params) / 1e6:.2f}M trainable (LoRA r={cfg.lora_r}), {run.dtype} on "
         f"{run.device}; {len(run.bins)} packed rows per epoch, {run.total_steps} steps of {cfg.grad_accum} "
-        f"rows" + (f" on each of {world.size} processes ({run.strategy.name})" if world.size > 1 else "")
+        f"rows"
+        + (f" on each of {world.size} processes ({run.strategy.name})" if world.size > 1 else "")
+        + (f"; objective {cfg.objective} (beta {cfg.beta:g})" if run.preference is not None else "")
     )
 
 
