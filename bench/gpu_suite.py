@@ -662,6 +662,126 @@ def training_run(report, device, tiny, quick):
         report.note(s, "losses: " + " ".join(f"{x:.3f}" for x in losses))
 
 
+def preference_step(report, device, tiny, quick):
+    """Issue 28: our DPO loss and LoRA gradients against a float64 reference written out (the plain HF model
+    on each conversation alone, the reference with ``disable_adapter()``); then our DPO step (packed pairs,
+    varlen attention, fused loss on the answers' rows) against TRL's ``DPOTrainer`` on the same pairs
+    (``bench/bench_preference.py``; ours alone, with a note, where TRL is not importable)."""
+    import bench_preference as bp
+
+    with report.section("DPO loss and LoRA gradients vs float64 unpacked reference (tiny model)") as s:
+        _dpo_reference_check(report, s, device)
+
+    shape, layers = ("tiny", None) if tiny else ("qwen2.5-1.5b", 8 if quick else 28)
+    settings = dict(bp.SETTINGS[shape], **(bp.QUICK.get(shape, {}) if quick else {}))
+    title = f"DPO step against TRL's DPOTrainer, {shape} shape" + (f", {layers} layers" if layers else "")
+    with report.section(title) as s:
+        results = [bp.run_ours(shape, settings, device, layers=layers)]
+        _empty_cache()
+        try:
+            importlib.import_module("trl")
+        except Exception as e:
+            report.note(s, f"TRL not importable ({type(e).__name__}): ours alone")
+            variants = []
+        else:
+            variants = ["trl"] if tiny else ["trl", "trl_no_gc", "trl_padding_free"]
+        for variant in variants:
+            try:
+                results.append(bp.run_trl(shape, settings, device, variant, layers=layers))
+            except torch.OutOfMemoryError:
+                results.append(dict(provider=variant, note="out of memory"))
+            except Exception as e:  # one provider failing must not hide the others
+                results.append(
+                    dict(provider=variant, note=f"{type(e).__name__}: {' '.join(str(e).split())[:150]}")
+                )
+            _empty_cache()
+        ours = results[0]
+        fp32 = bp._dtype(device) == torch.float32
+        for r in results:
+            row = dict(provider=r["provider"], **bp.summarise(r), real_tokens=r.get("tokens", ""),
+                       token_slots=r.get("slots", ""), peak_MiB=r.get("peak_mib", float("nan")),
+                       step0_loss=r.get("step0_loss", float("nan")))  # fmt: skip
+            if r["provider"].startswith("trl") and "step0_loss" in r:
+                # both score the same tokens once our end-of-turn token is dropped: the losses must agree
+                diff = abs(r["step0_loss"] - ours["loss0_trl_tokens"]) / abs(ours["loss0_trl_tokens"])
+                row["step0_rel_diff_same_tokens"] = diff
+                row["pass"] = diff <= (1e-4 if fp32 else 5e-2)
+            if "note" in r:
+                row["note"] = r["note"]
+            report.row(s, **row)
+        peak = "CUDA allocator" if device.type == "cuda" else "RSS (VmHWM)"
+        report.note(
+            s,
+            f"{settings['pairs_per_step']} pairs per step, {settings['steps']} timed steps after a warm-up; "
+            f"ours step-0 loss {ours['loss0']:.6f} on its tokens, {ours['loss0_trl_tokens']:.6f} on TRL's "
+            f"(each answer's end-of-turn token dropped); peak: {peak} from the warm-up step",
+        )
+
+
+def _dpo_reference_check(report, s, device):
+    import bench_preference as bp
+    import torch.nn.functional as F
+    from bench_train import build_model
+    from peft import get_peft_model
+
+    from trainer.data import load_tokenizer
+    from trainer.model import prepare_model
+    from trainer.preference import PreferenceLoss, collate_pairs
+    from tritrain_kernels import masked_linear_cross_entropy
+
+    pairs = 3
+    sequences, _ = bp.encode(bp.preference_records(pairs, 80, seed=1), load_tokenizer("demo"))
+    model, _, head = prepare_model(
+        bp.LORA, device=str(device), model=build_model("tiny", device, torch.float32)
+    )
+    bp.init_adapter(model)  # B != 0: the policy differs from the reference, A has gradients
+    loss_fn = partial(masked_linear_cross_entropy, assume_valid=True)
+    pref = PreferenceLoss("dpo", loss_fn, device, beta=bp.BETA)
+    batch = collate_pairs(sequences, list(range(pairs))).to(device)  # all pairs in one packed row
+    loss = pref.forward_backward(model, [(batch, 1.0)], [batch], head, device, contextlib.nullcontext())
+    with torch.no_grad():
+        policy = pref.logps(model, batch, head)[0]
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    # the same seeded weights (drawn in float32, as ours), then float64
+    ref = get_peft_model(build_model("tiny", device, torch.float32).double(), bp.lora_config())
+    ref_lora = {n: p for n, p in ref.named_parameters() if p.requires_grad}
+    assert set(ref_lora) == set(lora), sorted(set(ref_lora) ^ set(lora))[:4]
+    with torch.no_grad():
+        for n, p in ref_lora.items():
+            p.copy_(lora[n].double())
+
+    def sums(m):
+        """[pairs, 2] log-prob sums of the labelled tokens, each conversation alone, float64 logits."""
+        out = []
+        for seq in sequences:
+            ids = torch.tensor(seq.input_ids, device=device)
+            target = torch.tensor(seq.labels, device=device)[1:]
+            logp = torch.log_softmax(m(input_ids=ids[None]).logits[0, :-1].double(), -1)
+            keep = target != -100
+            out.append(logp[keep].gather(1, target[keep, None]).sum())
+        return torch.stack(out).view(-1, 2)
+
+    with torch.no_grad(), ref.disable_adapter():
+        reference = sums(ref)
+    want_policy = sums(ref)
+    z = bp.BETA * ((want_policy[:, 0] - reference[:, 0]) - (want_policy[:, 1] - reference[:, 1]))
+    want = -F.logsigmoid(z).mean()
+    want.backward()
+    loss_err = rel_err(loss, want)
+    logps_err = rel_err(policy, want_policy.detach())
+    got = torch.cat([lora[n].grad.flatten() for n in sorted(lora)])
+    expected = torch.cat([ref_lora[n].grad.flatten() for n in sorted(lora)])
+    grad_err = rel_err(got, expected)
+    tol_loss, tol_grad = (
+        (1e-4, 1e-3) if device.type == "cpu" else (2e-3, 2e-2)
+    )  # CUDA: tf32 dots in attention
+    ok = loss_err <= tol_loss and logps_err <= tol_loss and grad_err <= tol_grad
+    report.row(s, pairs=pairs, scored_tokens=int(batch.counts.sum()), loss=loss.item(), loss_fp64=want.item(),
+               loss_rel_err=loss_err, logps_rel_err=logps_err, lora_grad_rel_err=grad_err,
+               **{"pass": ok})  # fmt: skip
+
+
 def strategies(report, device, tiny, quick):
     """An FSDP2 step and a QLoRA step through the trainer's own code. One GPU, so FSDP runs as one rank
     (a one-process group): the sharding path (fully_shard per layer, the head read inside unshard, fp32
@@ -841,6 +961,7 @@ SECTIONS = (
     "attention",
     "e2e",
     "train",
+    "dpo",
     "strategies",
     "fsdp2",
 )
@@ -869,6 +990,7 @@ def main(argv=None) -> int:
         "attention": lambda: attention(report, device, args.tiny, args.quick),
         "e2e": lambda: end_to_end(report, device, args.tiny, args.quick),
         "train": lambda: training_run(report, device, args.tiny, args.quick),
+        "dpo": lambda: preference_step(report, device, args.tiny, args.quick),
         "strategies": lambda: strategies(report, device, args.tiny, args.quick),
         "fsdp2": lambda: fsdp_two_gpus(report, device, args.quick),
     }

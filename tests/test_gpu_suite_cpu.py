@@ -28,7 +28,7 @@ def test_gpu_suite_tiny_dry_run(tmp_path):
     names = " | ".join(status)
     expected = ("environment", "correctness: masked CE", "correctness: attention", "sync-free",
                 "masked CE fwd+bwd", "attention fwd+bwd", "LoRA step", "short training run", "FSDP2 step",
-                "QLoRA step")  # fmt: skip
+                "QLoRA step", "DPO loss and LoRA gradients vs float64", "DPO step against TRL")  # fmt: skip
     for part in expected:
         assert part in names, names
     assert all(s["status"] == "ok" for s in sections), status

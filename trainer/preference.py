@@ -250,6 +250,11 @@ class PreferenceLoss:
         }
         self.cache: dict[str, torch.Tensor] = {}  # data set -> [pairs, 2] reference sums (ref_logps: cached)
 
+    @property
+    def steps_reference(self) -> bool:
+        """Whether a training step runs the reference forward pass (DPO without a cache)."""
+        return self.kind == "dpo" and "train" not in self.cache
+
     # ---------------------------------------------------------------------------- log-probabilities
 
     def logps(self, model, batch: PairBatch, head) -> tuple[torch.Tensor, torch.Tensor]:

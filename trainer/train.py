@@ -214,11 +214,13 @@ class FlopCounter:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.attention = 3 * 2 * 2 * config.num_attention_heads * head_dim * config.num_hidden_layers
 
-    def step(self, lengths: list[list[int]], num_loss_tokens: int) -> float:
-        """FLOPs of one step over rows of conversations with these ``lengths`` (host ints, no sync)."""
+    def step(self, lengths: list[list[int]], num_loss_tokens: int, reference: bool = False) -> float:
+        """FLOPs of one step over rows of conversations with these ``lengths`` (host ints, no sync);
+        ``reference``: plus a forward pass without the adapter (DPO's reference in the step)."""
         tokens = sum(sum(row) for row in lengths)
         attention = self.attention * sum(n * n / 2 for row in lengths for n in row)
-        return 4 * self.body * tokens + 4 * self.head * num_loss_tokens + attention
+        flops = 4 * self.body * tokens + 4 * self.head * num_loss_tokens + attention
+        return flops * 1.5 if reference else flops  # forward: 2 of the 4 per weight, 1 of attention's 3
 
 
 def step_flops(model, micro_batches: list[PackedBatch]) -> float:
@@ -770,6 +772,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     bar = tqdm(total=run.total_steps, initial=state["step"], desc="train", dynamic_ncols=True,
                disable=not world.is_main)  # fmt: skip
     interrupt = _GracefulInterrupt()
+    reference = run.preference is not None and run.preference.steps_reference  # one more forward a step
     try:
         for step_rows in next_steps(run):
             # collated step by step: the epoch's rows are never all held as tensors at once
@@ -780,8 +783,8 @@ def _train(cfg: TrainConfig, world: World) -> dict:
             state["row"] += len(group)
             run.updating = False
             bar.update(1)
-            progress.add(state["step"], loss, norm, sum(b.num_tokens for b in group),
-                         run.flops.step(lengths, sum(b.num_loss_tokens for b in group)))  # fmt: skip
+            flops = run.flops.step(lengths, sum(b.num_loss_tokens for b in group), reference)
+            progress.add(state["step"], loss, norm, sum(b.num_tokens for b in group), flops)
 
             step = state["step"]
             if step % cfg.log_every == 0 or step == run.total_steps:
