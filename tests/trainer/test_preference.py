@@ -362,3 +362,18 @@ def test_two_processes_match_one(tmp_path, parallel):
         assert len(a) > 0
         torch.testing.assert_close(torch.tensor(b, dtype=torch.float64), torch.tensor(a, dtype=torch.float64),
                                    rtol=1e-5, atol=1e-6, msg=key)  # fmt: skip
+
+
+def test_a_resumed_dpo_run_continues_with_the_same_losses(tmp_path):
+    """Checkpoints hold the position in the rows of pairs; the cached reference is computed again."""
+    train_file, val_file = _pair_files(tmp_path)
+    common = ["--val-file", "", "--eval-generate", "0", "--schedule", "constant", "--ref-logps", "cached"]
+    whole = train(load_config([*_args(train_file, val_file, tmp_path / "whole"), *common]))
+    half = load_config([*_args(train_file, val_file, tmp_path / "half"), *common, "--max-steps", "2"])
+    train(half)
+    resumed = train(load_config([*_args(train_file, val_file, tmp_path / "half"), *common, "--resume", "auto",
+                                 "--resume-override", "max_steps"]))  # fmt: skip
+    assert len(resumed["losses"]) == 2
+    torch.testing.assert_close(
+        torch.tensor(resumed["losses"]), torch.tensor(whole["losses"][2:]), rtol=1e-6, atol=0
+    )
