@@ -24,20 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.config import METRICS
 from trainer.distributed import ONE_PROCESS, World
 from trainer.generate import answer_text, cache_argument, cached_attention, prompt_ids, stop_token_ids
 
 # ---------------------------------------------------------------------------------------- metrics
 
-# Every metric a run can choose ``best/`` by, and which way is better: "min", "max", or "one" (closest to 1).
-METRICS = {
-    "val_loss": "min",
-    "exact_match": "max",  # share of answers equal to the reference after whitespace normalisation
-    "similarity": "max",  # mean of 1 - (character edit distance) / (length of the longer string)
-    "stop_rate": "max",  # share of answers ended by an end-of-turn token within the token budget
-    "repetition": "min",  # share of answers caught in a loop (a block repeated back to back, see has_loop)
-    "length_ratio": "one",  # mean of (answer characters) / (reference characters)
-}
+# The metric names and their directions (METRICS) are config vocabulary: trainer/config.py validates
+# metric_for_best against them.
 LOOP_REPEATS = 3  # a loop: at least this many back-to-back copies of a block ...
 LOOP_SPAN = 24  # ... covering at least this many characters of the normalised answer
 THINK_END = "</think>"  # ends the reasoning block of Qwen3, DeepSeek-R1, GLM-4.5 and others
