@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from trainer.config import METRICS
+from trainer.conversations import load_conversations, normalize
+from trainer.data import DEMO_VAL_FILE, DataError
 from trainer.distributed import ONE_PROCESS, World
 from trainer.generate import answer_text, cache_argument, cached_attention, prompt_ids, stop_token_ids
 
@@ -224,8 +226,6 @@ def validation_prompts(path, tokenizer, *, count: int, template: str, max_length
     """(prompts, skipped): the final assistant turn of the first ``count`` conversations of ``path`` that
     have one and whose prompt fits in ``max_length`` tokens, in file order; and how many were passed over.
     Messages are read as training reads them (GLM-4's form for ``template="glm4"``)."""
-    from trainer.conversations import load_conversations, normalize
-
     prompts, skipped = [], 0
     for index, record in enumerate(load_conversations(path)):
         if len(prompts) == count:
@@ -284,8 +284,6 @@ class GenerationEval:
         """None when ``cfg.eval_generate`` is 0. Keeps the samples of a resumed run up to its step."""
         if not cfg.eval_generate or not cfg.val_file:
             return None
-        from trainer.data import DEMO_VAL_FILE, DataError
-
         path = DEMO_VAL_FILE if cfg.val_file == "demo" else cfg.val_file
         prompts, skipped = validation_prompts(path, tokenizer, count=cfg.eval_generate, template=cfg.template,
                                               max_length=cfg.max_length)  # fmt: skip
