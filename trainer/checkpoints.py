@@ -28,7 +28,8 @@ from trainer.resume import apply_overrides, compare_with_checkpoint
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (too many non-finite steps, ...); the CLI prints it as one line."""
+    """The run cannot go on (too many non-finite steps, ...); the CLI prints it as one line. Defined here,
+    the lowest module that raises it; ``trainer.train`` re-exports it."""
 
 
 # ------------------------------------------------------------------------------- atomic directories
