@@ -13,7 +13,6 @@ config the way the command line does (the demo's settings included). Importing t
 import torch: that waits for the first call of ``train``.
 """
 
-import types
 import warnings
 
 from trainer.config import ConfigError, TrainConfig, load_config
@@ -29,23 +28,9 @@ def train(cfg: TrainConfig) -> dict:
     from trainer.config import validate
 
     cfg = validate(cfg)  # before torch is imported
-    import trainer.train
+    import trainer.train  # which makes itself callable: see its end
 
     return trainer.train.train(cfg)
-
-
-class _CallableModule(types.ModuleType):
-    def __call__(self, cfg: TrainConfig) -> dict:
-        from trainer.config import validate
-
-        return self.train(validate(cfg))
-
-
-def make_callable(module: types.ModuleType) -> None:
-    """Importing the submodule ``trainer.train`` rebinds the package attribute ``train`` to the module;
-    calling that module then calls its ``train``, so ``from trainer import train; train(cfg)`` works
-    whether or not the submodule was imported first."""
-    module.__class__ = _CallableModule
 
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "train"]

@@ -30,6 +30,7 @@ import torch
 import torch.utils.checkpoint
 
 from trainer.config import ConfigError, TrainConfig, load_config
+from trainer.data import DEMO_TRAIN_FILE, DataError, encode_file, load_tokenizer
 from trainer.model import decoder_of, head_scale, hf_reference_attention, prepare_model, resolve_dtype
 from trainer.packing import collate_packed, epoch_rows, pack, pad_collate
 from trainer.preference import (
@@ -40,6 +41,7 @@ from trainer.preference import (
     pack_pairs,
     pair_losses,
 )
+from trainer.templates import resolve_template
 from trainer.train import forward_backward
 from tritrain_kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
 
@@ -179,9 +181,6 @@ def run_check(cfg: TrainConfig, *, num_batches: int = 2, tolerance: float | None
     max|g_ours - g_hf| / max|g_hf|), ``worst_param``, ``num_batches``, ``conversations``, ``tokens``,
     ``loss_tokens``, ``tolerance``, ``passed``, the ``template`` that labelled the data and the ``data``
     summary (conversations kept, and those the template could not render)."""
-    from trainer.data import DEMO_TRAIN_FILE, encode_file, load_tokenizer
-    from trainer.templates import resolve_template
-
     if num_batches < 1:
         raise CheckError(f"num_batches must be at least 1, got {num_batches}")
     # the data is read with the tokenizer alone, before the model loads: a bad record is answered at once
@@ -333,8 +332,6 @@ def _pop_option(argv: list[str], name: str, cast):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.data import DataError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)

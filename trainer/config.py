@@ -68,9 +68,7 @@ class TrainConfig:
     beta: float = 0.1  # dpo: tie to the reference (TRL's beta); simpo: reward scale; orpo: lambda
     label_smoothing: float = 0.0  # dpo, simpo: chance that a pair's preference is flipped (conservative DPO)
     simpo_gamma: float = 0.5  # simpo: the reward margin a chosen answer must win by
-    ref_logps: str = (
-        "step"  # dpo: reference log-probs (adapter off) "step": in each step; "cached": once at start
-    )
+    ref_logps: str = "step"  # dpo: reference log-probs (adapter off): "step": each step; "cached": once
 
     # LoRA
     lora_r: int = 8  # rank of the adapter
@@ -226,8 +224,6 @@ def _check(cfg: TrainConfig) -> None:
     _check_report_to(cfg.report_to)
     _check_eval_generate(cfg)
     if cfg.resume_override:
-        from trainer.resume import check_override_keys
-
         check_override_keys(cfg)
 
 
@@ -263,6 +259,17 @@ def _check_output_dir(output_dir: str) -> None:
 
 REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # report_to name -> module it needs
 
+# Every metric a run can choose ``best/`` by (metric_for_best), and which way is better: "min", "max", or
+# "one" (closest to 1); trainer/evalgen.py computes them.
+METRICS = {
+    "val_loss": "min",
+    "exact_match": "max",  # share of answers equal to the reference after whitespace normalisation
+    "similarity": "max",  # mean of 1 - (character edit distance) / (length of the longer string)
+    "stop_rate": "max",  # share of answers ended by an end-of-turn token within the token budget
+    "repetition": "min",  # share of answers caught in a loop (a block repeated back to back, see has_loop)
+    "length_ratio": "one",  # mean of (answer characters) / (reference characters)
+}
+
 
 def _check_report_to(names: list[str]) -> None:
     import importlib.util
@@ -281,13 +288,46 @@ def _check_eval_generate(cfg: TrainConfig) -> None:
         raise ConfigError(f"eval_generate must not be negative and eval_max_new_tokens must be at least 1, "
                           f"got {cfg.eval_generate} and {cfg.eval_max_new_tokens}")  # fmt: skip
     if cfg.metric_for_best != "val_loss":
-        from trainer.evalgen import METRICS
-
         if cfg.metric_for_best not in METRICS:
             raise ConfigError(f"metric_for_best: {cfg.metric_for_best!r} is not one of {', '.join(METRICS)}")
         if not cfg.eval_generate:
             raise ConfigError(f"metric_for_best: {cfg.metric_for_best} is a generation metric; set "
                               "eval_generate to how many validation conversations to answer")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- what may change on resume
+# trainer/resume.py compares a checkpoint's settings with the run's by these lists.
+
+# Settings that never change the weights a step produces: they may differ on resume without a word.
+FREE = ("device", "attn_backend", "attn_dropout", "loss_backend", "gradient_checkpointing", "val_file",
+        "log_every", "eval_every", "patience", "save_every", "save_merged", "output_dir", "resume",
+        "resume_override", "report_to", "max_bad_steps", "eval_generate", "eval_max_new_tokens",
+        "metric_for_best", "ref_logps")  # fmt: skip
+
+# Settings that can take a new value from the next step on: the optimizer's hyper-parameters, the schedule
+# (rebuilt from the config), the length of the run, the adapter's dropout and scaling, the compute dtype,
+# the z-loss coefficient (the loss function is built from the config).
+OVERRIDABLE = ("lr", "warmup", "schedule", "min_lr_ratio", "weight_decay", "max_grad_norm", "max_steps",
+               "epochs", "grad_accum", "lora_dropout", "lora_alpha", "dtype", "z_loss")  # fmt: skip
+
+# Every other setting (model, tokenizer, data, packing, seed, adapter shape) decides which rows a step
+# sees or what the checkpoint's tensors mean: changing it needs a fresh output_dir.
+FIXED = tuple(name for name in FIELDS if name not in FREE and name not in OVERRIDABLE)
+
+
+def check_override_keys(cfg: TrainConfig) -> None:
+    """resume_override names only keys that exist and can change on resume, and only with resume set."""
+    if not cfg.resume:
+        raise ConfigError("resume_override is set but resume is not: add --resume auto (or a checkpoint)")
+    for key in cfg.resume_override:
+        if key not in FIELDS:
+            raise ConfigError(f"resume_override: unknown key {key!r}; keys that can change: {_can()}")
+        if key not in OVERRIDABLE:
+            raise ConfigError(f"resume_override: {key} cannot change on resume; keys that can: {_can()}")
+
+
+def _can() -> str:
+    return ", ".join(OVERRIDABLE)
 
 
 def load_config(argv: list[str] | None = None) -> TrainConfig:

@@ -24,20 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.config import METRICS
+from trainer.conversations import load_conversations, normalize
+from trainer.data import DEMO_VAL_FILE, DataError
 from trainer.distributed import ONE_PROCESS, World
 from trainer.generate import answer_text, cache_argument, cached_attention, prompt_ids, stop_token_ids
 
 # ---------------------------------------------------------------------------------------- metrics
 
-# Every metric a run can choose ``best/`` by, and which way is better: "min", "max", or "one" (closest to 1).
-METRICS = {
-    "val_loss": "min",
-    "exact_match": "max",  # share of answers equal to the reference after whitespace normalisation
-    "similarity": "max",  # mean of 1 - (character edit distance) / (length of the longer string)
-    "stop_rate": "max",  # share of answers ended by an end-of-turn token within the token budget
-    "repetition": "min",  # share of answers caught in a loop (a block repeated back to back, see has_loop)
-    "length_ratio": "one",  # mean of (answer characters) / (reference characters)
-}
+# The metric names and their directions (METRICS) are config vocabulary: trainer/config.py validates
+# metric_for_best against them.
 LOOP_REPEATS = 3  # a loop: at least this many back-to-back copies of a block ...
 LOOP_SPAN = 24  # ... covering at least this many characters of the normalised answer
 THINK_END = "</think>"  # ends the reasoning block of Qwen3, DeepSeek-R1, GLM-4.5 and others
@@ -230,8 +226,6 @@ def validation_prompts(path, tokenizer, *, count: int, template: str, max_length
     """(prompts, skipped): the final assistant turn of the first ``count`` conversations of ``path`` that
     have one and whose prompt fits in ``max_length`` tokens, in file order; and how many were passed over.
     Messages are read as training reads them (GLM-4's form for ``template="glm4"``)."""
-    from trainer.conversations import load_conversations, normalize
-
     prompts, skipped = [], 0
     for index, record in enumerate(load_conversations(path)):
         if len(prompts) == count:
@@ -290,8 +284,6 @@ class GenerationEval:
         """None when ``cfg.eval_generate`` is 0. Keeps the samples of a resumed run up to its step."""
         if not cfg.eval_generate or not cfg.val_file:
             return None
-        from trainer.data import DEMO_VAL_FILE, DataError
-
         path = DEMO_VAL_FILE if cfg.val_file == "demo" else cfg.val_file
         prompts, skipped = validation_prompts(path, tokenizer, count=cfg.eval_generate, template=cfg.template,
                                               max_length=cfg.max_length)  # fmt: skip

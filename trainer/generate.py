@@ -27,8 +27,9 @@ import torch
 
 from trainer.config import ConfigError, load_config
 from trainer.conversations import Conversation, Problem, as_record, normalize
+from trainer.data import load_tokenizer
 from trainer.model import ATTN_NAME, hf_reference_attention, native_lora_targets, prepare_model
-from trainer.templates import token_id, turn_stops
+from trainer.templates import resolve_template, token_id, turn_stops
 
 
 class GenerateError(ValueError):
@@ -224,9 +225,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.data import load_tokenizer
-    from trainer.templates import resolve_template
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         _parser().print_help()

@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from trainer.data import load_tokenizer
 from trainer.packing import PackedBatch
+from trainer.quantize import load_nf4
 from tritrain_kernels.hf import decoder_of as _hf_decoder_of
 from tritrain_kernels.varlen_attention import AttentionNeeds, choose_backend, select_backend, varlen_attention
 
@@ -608,13 +610,14 @@ def load_model(cfg, device: str | None = None, *, tokenizer=None) -> tuple[torch
     """(model, tokenizer) for ``cfg.model``: ``demo`` builds a small random GLM-4 (transformers' ``glm4``)
     from ``assets/demo_model.json`` sized to the built-in tokenizer, seeded by ``cfg.seed``; anything
     else goes to ``AutoModelForCausalLM.from_pretrained``. Weights in ``cfg.dtype`` on ``device`` (default
-    ``cfg.device``). ``tokenizer``: one already loaded for ``cfg`` (training reads its data first)."""
+    ``cfg.device``); with ``quantize: nf4`` the decoder's linear layers in NF4 (trainer/quantize.py: a
+    model directory is quantised as it loads, the demo once built). ``tokenizer``: one already loaded for
+    ``cfg`` (training reads its data first)."""
     from transformers import AutoModelForCausalLM, Glm4Config, Glm4ForCausalLM
-
-    from trainer.data import load_tokenizer
 
     device = resolve_device(device or cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    nf4 = getattr(cfg, "quantize", "none") == "nf4"
     _check_model_path(cfg.model)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -627,13 +630,16 @@ def load_model(cfg, device: str | None = None, *, tokenizer=None) -> tuple[torch
             torch.manual_seed(cfg.seed)
             model = Glm4ForCausalLM(Glm4Config(**spec))
         model.name_or_path = "demo"
-    else:
-        # use_kernels=False: transformers >= 5.25 (with Hugging Face's `kernels`) kernelizes by default, which
-        # routes Gated DeltaNet's functions past the packed ones and fetches hub code at run time; the
-        # packed path installs its own per layer
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_kernels=False
-        )
+        model = model.to(device=device, dtype=dtype)
+        return load_nf4(cfg, device, tokenizer=tokenizer, model=model) if nf4 else (model, tokenizer)
+    if nf4:
+        return load_nf4(cfg, device, tokenizer=tokenizer)
+    # use_kernels=False: transformers >= 5.25 (with Hugging Face's `kernels`) kernelizes by default, which
+    # routes Gated DeltaNet's functions past the packed ones and fetches hub code at run time; the
+    # packed path installs its own per layer
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_kernels=False
+    )
     return model.to(device=device, dtype=dtype), tokenizer
 
 
@@ -906,15 +912,9 @@ def prepare_model(
     varlen attention layer by layer (the backend chosen for each is passed to ``log`` once), gradient
     checkpointing when ``cfg.gradient_checkpointing``, and the LoRA adapter (:func:`apply_lora`).
     Otherwise the model keeps its own attention, in eval mode, with no adapter (``generate`` loads one)."""
-    if model is None and getattr(cfg, "quantize", "none") == "nf4":
-        from trainer.quantize import load_nf4
-
-        model, tokenizer = load_nf4(cfg, resolve_device(device or cfg.device), tokenizer=tokenizer)
-    elif model is None:
-        model, tokenizer = load_model(cfg, device, tokenizer=tokenizer)
+    if model is None:
+        model, tokenizer = load_model(cfg, device, tokenizer=tokenizer)  # quantised when cfg says nf4
     else:
-        from trainer.data import load_tokenizer
-
         target = resolve_device(device or cfg.device)
         model = model.to(device=target, dtype=resolve_dtype(cfg.dtype, target))
         if tokenizer is None:

@@ -5,6 +5,8 @@ bf16 compute, about 0.5 byte per weight plus a scale per 64); LoRA adapts those 
 knows them) and stays fp32. The lm_head is left as it is, so the fused loss reads a plain weight and
 packing is unchanged. A model directory is quantised as it loads (``from_pretrained`` with a
 ``BitsAndBytesConfig``), never held whole in bf16; the demo model is quantised after it is built.
+Quantisation is a step of :func:`trainer.model.load_model`, which passes in what it has loaded: this
+module reads nothing else of the trainer.
 """
 
 from __future__ import annotations
@@ -33,19 +35,15 @@ def nf4_config(skip: list[str]):
     )  # fmt: skip
 
 
-def load_nf4(cfg, device: torch.device, *, tokenizer=None):
-    """(model, tokenizer) for ``cfg.model`` with the decoder's linear layers in NF4 on ``device``;
-    ``tokenizer``: one already loaded for ``cfg``."""
+def load_nf4(cfg, device: torch.device, *, tokenizer, model: torch.nn.Module | None = None):
+    """(model, tokenizer) with the decoder's linear layers in NF4 on ``device``: the quantisation step of
+    :func:`trainer.model.load_model`, which hands over what it has. ``model``: one already built (the
+    demo), quantised in place; None: ``cfg.model`` loaded from its directory, quantised as it loads.
+    ``tokenizer``: the one loaded for ``cfg``, returned with the model as ``load_model`` returns them."""
+    if model is not None:
+        return quantize_nf4(model), tokenizer
     from transformers import AutoModelForCausalLM
 
-    from trainer.data import load_tokenizer
-    from trainer.model import load_model
-
-    if cfg.model == "demo":
-        model, tokenizer = load_model(cfg, tokenizer=tokenizer)
-        return quantize_nf4(model), tokenizer
-    if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model, dtype=COMPUTE_DTYPE, quantization_config=nf4_config(["lm_head"]), device_map={"": device},
         trust_remote_code=cfg.trust_remote_code,  # as load_model: a model that ships its own code needs it

@@ -1,8 +1,10 @@
-"""Where metrics go besides ``metrics.jsonl`` and ``loss.png`` (``report_to``), and trained-token accuracy.
+"""Where metrics go besides ``metrics.jsonl`` (``report_to``, and the loss plot), and trained-token accuracy.
 
 - TensorBoard: event files in ``<output_dir>/tensorboard`` (``tensorboard --logdir <output_dir>``).
 - Weights & Biases: a run in ``<output_dir>/wandb``, offline (``wandb sync`` later) unless ``WANDB_MODE``
   or ``WANDB_API_KEY`` is set.
+- ``loss.png`` at the end of a run: training and validation loss by step, and a panel of the generation
+  metrics (trainer/evalgen.py) when there are any.
 
 Accuracy: the fraction of target tokens whose argmax logit is the label. The masked CE kernel counts it in
 the same pass when it takes ``correct=`` (a 0-d int64 device tensor it adds to, without a sync); with a
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from trainer import evalgen  # the generation metrics' panel of the loss plot
 from trainer.config import TrainConfig, config_to_dict
 
 
@@ -63,6 +66,34 @@ class Reporters:
 def _tag(key: str) -> str:
     """metrics.jsonl key -> dashboard tag: val_loss -> val/loss, loss -> train/loss."""
     return f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+
+
+def plot_losses(records: list[dict], path: Path) -> None:
+    """``loss.png``: training and validation loss by step, and the generation metrics below when any."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    generation = evalgen.has_generation_metrics(records)  # a second panel
+    fig, axes = plt.subplots(2 if generation else 1, 1, figsize=(6, 7 if generation else 4), sharex=True,
+                             squeeze=False)  # fmt: skip
+    ax = axes[0, 0]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train")
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per target token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if generation:
+        evalgen.plot_generation(axes[1, 0], records)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 class ZLoss:

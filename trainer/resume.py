@@ -2,44 +2,25 @@
 checkpoint's ``train_config.yaml``. A difference is refused with one line naming each key, old -> new,
 unless the key is listed in ``resume_override`` (``--resume-override lr,warmup``): then it applies from the
 next step, and the run's ``train_config.yaml`` holds the new value, which is what actually runs.
+
+Which keys may change is config vocabulary (``FREE``, ``OVERRIDABLE``, ``FIXED`` and the check of
+``resume_override`` live in trainer/config.py, which validates them); this module compares and applies.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from trainer.config import FIELDS, ConfigError, TrainConfig, show_value
-
-# Settings that never change the weights a step produces: they may differ on resume without a word.
-FREE = ("device", "attn_backend", "attn_dropout", "loss_backend", "gradient_checkpointing", "val_file",
-        "log_every", "eval_every", "patience", "save_every", "save_merged", "output_dir", "resume",
-        "resume_override", "report_to", "max_bad_steps", "eval_generate", "eval_max_new_tokens",
-        "metric_for_best", "ref_logps")  # fmt: skip
-
-# Settings that can take a new value from the next step on: the optimizer's hyper-parameters, the schedule
-# (rebuilt from the config), the length of the run, the adapter's dropout and scaling, the compute dtype,
-# the z-loss coefficient (the loss function is built from the config).
-OVERRIDABLE = ("lr", "warmup", "schedule", "min_lr_ratio", "weight_decay", "max_grad_norm", "max_steps",
-               "epochs", "grad_accum", "lora_dropout", "lora_alpha", "dtype", "z_loss")  # fmt: skip
-
-# Every other setting (model, tokenizer, data, packing, seed, adapter shape) decides which rows a step
-# sees or what the checkpoint's tensors mean: changing it needs a fresh output_dir.
-FIXED = tuple(name for name in FIELDS if name not in FREE and name not in OVERRIDABLE)
-
-
-def check_override_keys(cfg: TrainConfig) -> None:
-    """resume_override names only keys that exist and can change on resume, and only with resume set."""
-    if not cfg.resume:
-        raise ConfigError("resume_override is set but resume is not: add --resume auto (or a checkpoint)")
-    for key in cfg.resume_override:
-        if key not in FIELDS:
-            raise ConfigError(f"resume_override: unknown key {key!r}; keys that can change: {_can()}")
-        if key not in OVERRIDABLE:
-            raise ConfigError(f"resume_override: {key} cannot change on resume; keys that can: {_can()}")
-
-
-def _can() -> str:
-    return ", ".join(OVERRIDABLE)
+from trainer.config import (  # noqa: F401  (FIXED, OVERRIDABLE, check_override_keys: re-exported)
+    FIELDS,
+    FIXED,
+    FREE,
+    OVERRIDABLE,
+    ConfigError,
+    TrainConfig,
+    check_override_keys,
+    show_value,
+)
 
 
 def changed_settings(saved: dict, cfg: TrainConfig) -> dict[str, tuple]:

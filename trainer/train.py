@@ -1,4 +1,4 @@
-"""The training loop: packed micro-batches, fused masked loss, AdamW, eval, checkpoints, resume.
+"""The training loop: packed micro-batches, fused masked loss, AdamW, eval, resume.
 
 One optimizer step = ``grad_accum`` packed rows per process. Its loss is the sum of the per-token losses
 of every target token of those rows on every process divided by their total number (DESIGN.md, loss
@@ -11,9 +11,10 @@ as GradScaler does), and the step's loss and gradient norm stay there until a lo
 the pending ones at once. With several processes, reading the all-reduced Ctrl-C flag is the step's one
 synchronisation.
 
-Reading order: the step, evaluation, checkpoints, then the run: ``setup`` (model, data, optimizer),
-``resume``, the loop in ``_train`` (``train_step``, ``Progress``, ``run_eval``, ``save_checkpoint``),
-``finish``.
+Reading order: the step, evaluation, throughput, then the run: ``setup`` (the one pipeline from settings
+to optimizer), ``resume``, the loop in ``_train`` (``train_step``, ``Progress``, ``run_eval``,
+``save_checkpoint``), ``finish``. Checkpoint and adapter directories are trainer/checkpoints.py's, the loss
+plot and the other reporters trainer/reporting.py's; their names stay importable from here.
 """
 
 from __future__ import annotations
@@ -22,29 +23,48 @@ import dataclasses
 import inspect
 import json
 import math
-import os
 import random
-import shutil
 import signal
 import sys
 import threading
 import time
+import types
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
-from trainer import evalgen, make_callable  # evalgen: generation-based validation
-from trainer.config import TrainConfig, config_to_dict, save_config
+from trainer import evalgen  # generation-based validation
+from trainer.checkpoints import (  # noqa: F401  (re-exported: trainer.train's names before checkpoints.py)
+    TrainingError,
+    _atomic_dir,
+    _read_metrics,
+    _sharded_save,
+    check_output_dir,
+    find_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_adapter,
+    save_checkpoint,
+    save_final_adapter,
+    set_rng_state,
+)
+from trainer.config import TrainConfig, config_to_dict, save_config, validate
+from trainer.data import DEMO_TRAIN_FILE, DEMO_VAL_FILE, encode_file, load_tokenizer
 from trainer.distributed import ONE_PROCESS, World, close_world, init_world
 from trainer.lock import output_dir_lock
-from trainer.model import decoder_hidden_states, prepare_model, resolve_device, resolve_dtype
+from trainer.model import (
+    _check_model_path,
+    decoder_hidden_states,
+    prepare_model,
+    resolve_device,
+    resolve_dtype,
+)
 from trainer.packing import PackedBatch, collate_packed, epoch_rows, make_packed_batches, pack
-from trainer.parallel import Single, load_cpu, make_strategy
+from trainer.parallel import Single, make_strategy
 from trainer.preference import (
     PreferenceLoss,
     collate_pairs,
@@ -53,15 +73,10 @@ from trainer.preference import (
     pack_pairs,
     pair_lengths,
 )
-from trainer.reporting import Reporters, TokenAccuracy, ZLoss
-from trainer.resume import apply_overrides, compare_with_checkpoint
+from trainer.reporting import Reporters, TokenAccuracy, ZLoss, plot_losses
 from trainer.sharded_load import fill_shards, load_skeleton
+from trainer.templates import describe_template, resolve_template
 from tritrain_kernels import masked_linear_cross_entropy, masked_linear_cross_entropy_ref
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (too many non-finite steps, ...); the CLI prints it as one line."""
-
 
 # ----------------------------------------------------------------------------------------- the step
 
@@ -229,89 +244,6 @@ def step_flops(model, micro_batches: list[PackedBatch]) -> float:
     return FlopCounter(model).step(lengths, sum(b.num_loss_tokens for b in micro_batches))
 
 
-# -------------------------------------------------------------------------------------- checkpoints
-
-
-def _atomic_dir(final: Path, write) -> None:
-    """write(tmp) into a temporary directory, then rename it to ``final``: a crash mid-save leaves the
-    previous ``final`` (or none), never a half-written one."""
-    tmp = _tmp_dir(final)
-    write(tmp)
-    _publish(tmp, final)
-
-
-def _tmp_dir(final: Path) -> Path:
-    tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    old = final.with_name(f".old-{final.name}")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _sharded_save(world: World, final: Path, write) -> None:
-    """Every rank calls write(tmp) into one temporary directory; once all have, rank 0 renames it to
-    ``final``, so a crash of any rank mid-save leaves the previous ``final`` (or none). Each part ends
-    with the ranks agreeing (``World.all_or_none``): a rank whose part fails (a full disk, rank 0's
-    rename) stops every rank with its error instead of leaving them in the next collective."""
-    tmp = final.with_name(f".tmp-{final.name}")
-    with world.all_or_none():
-        if world.is_main:
-            _tmp_dir(final)
-    with world.all_or_none():
-        write(tmp)
-    with world.all_or_none():
-        if world.is_main:
-            _publish(tmp, final)
-
-
-def save_adapter(model, tokenizer, cfg: TrainConfig, path: Path, state_dict: dict | None = None) -> None:
-    """A standard PEFT adapter directory (rank 0 only); ``state_dict``: the adapter gathered whole."""
-
-    def write(tmp: Path) -> None:
-        extra = {} if state_dict is None else {"state_dict": state_dict}
-        model.save_pretrained(tmp, save_embedding_layers=False, **extra)
-        tokenizer.save_pretrained(tmp)
-        save_config(cfg, tmp / "train_config.yaml")
-
-    _atomic_dir(path, write)
-
-
-def rng_state(device: torch.device) -> dict:
-    """This process's random state: CPU, Python, and only its own GPU (not one per visible GPU)."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    """Restore ``rng_state``'s result; the GPU state goes to this process's GPU, whatever its index was."""
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def find_checkpoint(cfg: TrainConfig) -> Path | None:
-    if not cfg.resume:
-        return None
-    if cfg.resume != "auto":
-        path = Path(cfg.resume)
-        if not (path / "state.json").is_file():
-            raise TrainingError(f"resume: {path} is not a checkpoint directory (no state.json)")
-        return path
-    found = sorted(Path(cfg.output_dir).glob("checkpoint-*/state.json"))
-    return found[-1].parent if found else None
-
-
 # ---------------------------------------------------------------------------------------- the run
 
 
@@ -397,9 +329,6 @@ def setup_model(cfg: TrainConfig, say=print, tokenizer=None, world: World = ONE_
 
 def setup_tokenizer(cfg: TrainConfig):
     """The tokenizer ``cfg`` names (``tokenizer``, else the model's), loaded without the model."""
-    from trainer.data import load_tokenizer
-    from trainer.model import _check_model_path
-
     try:
         _check_model_path(cfg.model)
         return load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -414,26 +343,13 @@ def _check_labels(data, vocab_size: int, name: str) -> None:
         raise TrainingError(f"{name}: label {top} is outside the model's vocabulary of {vocab_size} tokens")
 
 
-def check_output_dir(cfg: TrainConfig, out: Path) -> None:
-    """The checkpoint to resume from was made with these settings (else ConfigError), or, for a fresh
-    run, ``out`` holds no checkpoint that the run would overwrite (else TrainingError)."""
-    if (checkpoint := find_checkpoint(cfg)) is not None:
-        saved = yaml.safe_load((checkpoint / "train_config.yaml").read_text())
-        compare_with_checkpoint(saved, cfg, checkpoint)
-    elif not cfg.resume and (stale := sorted(out.glob("checkpoint-*"))):
-        raise TrainingError(
-            f"output_dir {out} already holds checkpoints (newest {stale[-1].name}): continue that run with "
-            "--resume auto, or choose another --output-dir"
-        )
-
-
 def setup(cfg: TrainConfig, world: World) -> Run:
-    """Settings, output directory and data are read and checked with the tokenizer alone, before the model
-    loads (minutes on a real model): a bad record or a clash with an old run is answered at once."""
-    from trainer.data import DEMO_TRAIN_FILE, DEMO_VAL_FILE, encode_file
-    from trainer.templates import describe_template, resolve_template
-
-    # same seed on every rank: the demo's weights and the LoRA init must be identical everywhere
+    """The run, set up in one pass: settings -> tokenizer (and the template it resolves) -> checkpoint
+    compatibility -> data -> model (trainer/model.py; trainer/sharded_load.py's skeleton under FSDP) ->
+    strategy (trainer/parallel.py) -> rows, optimizer, loss. Settings, output directory and data are read
+    and checked with the tokenizer alone, before the model loads (minutes on a real model): a bad record
+    or a clash with an old run is answered at once."""
+    # settings: same seed on every rank: the demo's weights and the LoRA init must be identical everywhere
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
@@ -448,13 +364,15 @@ def setup(cfg: TrainConfig, world: World) -> Run:
         if world.is_main:
             tqdm.write(line)
 
+    # tokenizer; the resolved template is what runs, is saved with every checkpoint and is compared on resume
     tokenizer = setup_tokenizer(cfg)
-    # the resolved template is what runs, is saved with every checkpoint and is compared on resume
     asked, cfg = cfg.template, dataclasses.replace(cfg, template=resolve_template(cfg.template, tokenizer))
     say(describe_template(asked, cfg.template))
-    check_output_dir(cfg, out)  # settings changed since the checkpoint, or an old run in the way
+    # checkpoint compatibility: settings changed since the checkpoint, or an old run in the way
+    check_output_dir(cfg, out)
 
-    preference = cfg.objective != "sft"  # rows of chosen/rejected pairs (trainer/preference.py)
+    # data: conversations, or chosen/rejected pairs (trainer/preference.py)
+    preference = cfg.objective != "sft"
 
     def encode(name: str, demo: Path):
         path = demo if name == "demo" else name
@@ -473,6 +391,7 @@ def setup(cfg: TrainConfig, world: World) -> Run:
         raise TrainingError(f"train_file {cfg.train_file}: no {what} left to train on (see above)")
     val_data = encode(cfg.val_file, DEMO_VAL_FILE) if cfg.val_file else []
 
+    # model: loaded (and quantised), attention planned per layer, LoRA, the head's spec
     model, tokenizer, softcap, host = setup_model(cfg, say=say, tokenizer=tokenizer, world=world)
     flops = FlopCounter(model)  # the whole model, before any sharding
     base = model.get_base_model()
@@ -480,6 +399,8 @@ def setup(cfg: TrainConfig, world: World) -> Run:
         _check_labels(data, base.get_output_embeddings().out_features, name)
     device = base.get_output_embeddings().weight.device if host is None else resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+
+    # strategy: one process, data parallel or FSDP
     strategy = make_strategy(cfg.parallel, world, compute_dtype=dtype, cpu_offload=cfg.fsdp_cpu_offload,
                              device=device)  # fmt: skip
     model = strategy.wrap(model)
@@ -496,6 +417,7 @@ def setup(cfg: TrainConfig, world: World) -> Run:
     rows_per_step = cfg.grad_accum * world.size
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(bins) / rows_per_step)
 
+    # optimizer, schedule, loss
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: the update takes found_inf, so a non-finite step is skipped without a host sync
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
@@ -566,52 +488,6 @@ def resume(run: Run) -> None:
             run.state["step"],
             split=run.strategy.name != "fsdp",
         )
-
-
-def save_checkpoint(run: Run) -> Path:
-    """checkpoint-<step>/: the strategy's model and optimizer state (sharded under FSDP), the scheduler,
-    each rank's random state, state.json and the config; written atomically (every rank calls this; a
-    failure on any rank stops every rank, see ``_sharded_save``)."""
-    path = run.out / f"checkpoint-{run.state['step']:06d}"
-
-    def write(tmp: Path) -> None:
-        run.strategy.save_state(run.model, run.optimizer, tmp)
-        torch.save(rng_state(run.device), tmp / f"rng-rank{run.world.rank}.pt")
-        if run.world.is_main:
-            torch.save({"scheduler": run.scheduler.state_dict()}, tmp / "scheduler.pt")
-            save_config(run.cfg, tmp / "train_config.yaml")
-            (tmp / "state.json").write_text(json.dumps(run.state, indent=1))
-
-    _sharded_save(run.world, path, write)
-    return path
-
-
-def load_checkpoint(run: Run, path: Path) -> None:
-    """Every rank loads the same checkpoint and its own random state. Each rank reads its own files
-    first; the ranks agree on that (``World.all_or_none``) before the load, which is collective under
-    FSDP: a rank missing its file stops every rank with its one-line error."""
-    rank = run.world.rank
-    with run.world.all_or_none():
-        saved_cfg = yaml.safe_load((path / "train_config.yaml").read_text())
-        changed = compare_with_checkpoint(saved_cfg, run.cfg, path)  # trainer/resume.py
-        state = json.loads((path / "state.json").read_text())
-        saved_world = state.setdefault("world_size", 1)  # checkpoints from before multi-process runs: one
-        if saved_world != run.world.size:  # a step is grad_accum rows per process: other steps and schedule
-            raise TrainingError(
-                f"resume: {path} was made with {saved_world} processes, this run has {run.world.size}; "
-                "use the same number of processes or start a fresh output_dir"
-            )
-        if not (path / f"rng-rank{rank}.pt").is_file():
-            raise TrainingError(f"resume: {path} has no rng-rank{rank}.pt (made by an older version of "
-                                "the trainer, or incomplete); start a fresh output_dir")  # fmt: skip
-        rng = load_cpu(path / f"rng-rank{rank}.pt")
-    with run.world.all_or_none():  # every rank reaches the load; what fails after it stops every rank
-        run.strategy.load_state(run.model, run.optimizer, path)
-        run.scheduler.load_state_dict(load_cpu(path / "scheduler.pt")["scheduler"])
-        set_rng_state(rng, run.device)
-    if overrides := apply_overrides(changed, run.cfg, run.optimizer, run.scheduler):
-        run.say(overrides)
-    run.state = state
 
 
 def train_step(run: Run, group: list[PackedBatch], interrupt: bool):
@@ -719,15 +595,6 @@ def run_eval(run: Run) -> bool:
     for line in verdict.lines:
         run.say(line)
     return verdict.stop
-
-
-def save_final_adapter(run: Run, path: Path) -> None:
-    """A standard PEFT adapter (gathered whole under FSDP; every rank calls this, rank 0 writes; its
-    failure stops every rank)."""
-    with run.world.all_or_none():
-        adapter = run.strategy.adapter_state(run.model)
-        if run.world.is_main:
-            save_adapter(run.model, run.tokenizer, run.cfg, path, adapter)
 
 
 def next_steps(run: Run):
@@ -878,7 +745,7 @@ def finish(run: Run, stop_reason: str, last_eval: int | None, last_saved: int) -
     return result
 
 
-# ---------------------------------------------------------------------------------------- reporting
+# ------------------------------------------------------------------------------------------- Ctrl-C
 
 
 class _GracefulInterrupt:
@@ -901,41 +768,15 @@ class _GracefulInterrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def plot_losses(records: list[dict], path: Path) -> None:
-    import matplotlib
+class _CallableModule(types.ModuleType):
+    """Importing this submodule rebinds the package attribute ``trainer.train`` to it; calling the module
+    then runs its ``train`` on the checked config, as the package's ``train`` does, so ``from trainer
+    import train; train(cfg)`` works whether or not this module was imported first."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    generation = evalgen.has_generation_metrics(records)  # a second panel
-    fig, axes = plt.subplots(2 if generation else 1, 1, figsize=(6, 7 if generation else 4), sharex=True,
-                             squeeze=False)  # fmt: skip
-    ax = axes[0, 0]
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train")
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per target token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if generation:
-        evalgen.plot_generation(axes[1, 0], records)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
-    """Records of a previous run up to the checkpoint we resume from (later ones are redone)."""
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r["step"] <= up_to_step]
+    def __call__(self, cfg: TrainConfig) -> dict:
+        return self.train(validate(cfg))
 
 
 __all__ = ["TrainConfig", "TrainingError", "config_to_dict", "train"]
 
-make_callable(sys.modules[__name__])  # `from trainer import train` is this module or its train(): both run
+sys.modules[__name__].__class__ = _CallableModule  # `from trainer import train`: this module or its train()
