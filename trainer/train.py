@@ -313,43 +313,44 @@ class Run:
                 self.reporters.log(record)
 
 
-def setup_model(cfg: TrainConfig, say=print, tokenizer=None, world: World = ONE_PROCESS):
-    """(model, tokenizer, the head's softcap, rank 0's host copy or None): the model with packed attention
-    per layer and LoRA; ``tokenizer``: the one the data was read with (None: loaded here). Under FSDP with
-    several ranks the model is a meta-device skeleton that :func:`fill_shards` fills after sharding."""
-    try:
-        if cfg.parallel == "fsdp" and world.size > 1:
-            model, tokenizer, head, host = load_skeleton(cfg, world, tokenizer, say)
-            return model, tokenizer, head.softcap, host
-        model, tokenizer, head = prepare_model(cfg, log=say, tokenizer=tokenizer)
-    except (ValueError, OSError) as e:  # unsupported model or head, missing path, bad LoRA target
-        raise TrainingError(f"model {cfg.model}: {' '.join(str(e).split())}") from e
-    return model, tokenizer, head.softcap, None
-
-
-def setup_tokenizer(cfg: TrainConfig):
-    """The tokenizer ``cfg`` names (``tokenizer``, else the model's), loaded without the model."""
-    try:
-        _check_model_path(cfg.model)
-        return load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
-    except (ValueError, OSError) as e:  # no tokenizer files, remote code not trusted, missing path
-        raise TrainingError(f"model {cfg.model}: {' '.join(str(e).split())}") from e
-
-
-def _check_labels(data, vocab_size: int, name: str) -> None:
-    """The loss trusts the labels to lie in [0, V): check them once here, on the host."""
-    top = max((max(e.labels) for e in data if e.labels), default=-1)
-    if top >= vocab_size:
-        raise TrainingError(f"{name}: label {top} is outside the model's vocabulary of {vocab_size} tokens")
-
-
 def setup(cfg: TrainConfig, world: World) -> Run:
-    """The run, set up in one pass: settings -> tokenizer (and the template it resolves) -> checkpoint
-    compatibility -> data -> model (trainer/model.py; trainer/sharded_load.py's skeleton under FSDP) ->
-    strategy (trainer/parallel.py) -> rows, optimizer, loss. Settings, output directory and data are read
-    and checked with the tokenizer alone, before the model loads (minutes on a real model): a bad record
-    or a clash with an old run is answered at once."""
-    # settings: same seed on every rank: the demo's weights and the LoRA init must be identical everywhere
+    """The run, set up in one pass, one call a step: settings -> tokenizer (and the template it resolves)
+    -> checkpoint compatibility -> data -> model (trainer/model.py; trainer/sharded_load.py's skeleton
+    under FSDP) -> strategy (trainer/parallel.py) -> rows -> optimizer -> loss. Settings, output directory
+    and data are read and checked with the tokenizer alone, before the model loads (minutes on a real
+    model): a bad record or a clash with an old run is answered at once."""
+    out, say = setup_settings(cfg, world)
+    tokenizer, cfg = setup_tokenizer(cfg, say)
+    check_output_dir(cfg, out)  # settings changed since the checkpoint, or an old run in the way
+    train_data, val_data = read_data(cfg, tokenizer, say)
+    model, tokenizer, softcap, host = setup_model(cfg, say=say, tokenizer=tokenizer, world=world)
+    flops = FlopCounter(model)  # the whole model, before any sharding
+    check_labels(model, cfg, train_data, val_data)
+    model, strategy, head, device, dtype = setup_strategy(cfg, world, model, softcap, host)
+    bins, rows_per_step, total_steps = plan_rows(cfg, world, train_data)
+    params, optimizer, scheduler = setup_optimizer(cfg, model, total_steps)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    state = dict(step=0, epoch=0, row=0, first_loss=None, best_val=None, evals_since_best=0, skipped=0,
+                 bad_in_row=0, world_size=world.size)  # fmt: skip
+    loss_fn = fused_loss(cfg.loss_backend)
+    accuracy = TokenAccuracy(loss_fn, device)  # counted by the loss in the same pass, when it can
+    z_loss = ZLoss(cfg.z_loss, loss_fn, device)
+    preference = cfg.objective != "sft"
+    run = Run(
+        cfg=cfg, world=world, strategy=strategy, model=model, tokenizer=tokenizer, head=head,
+        loss_fn=accuracy.wrap(z_loss.wrap(loss_fn)), accuracy=accuracy, z_loss=z_loss, device=device,
+        dtype=dtype, autocast=autocast, params=params, optimizer=optimizer, scheduler=scheduler, flops=flops,
+        train_data=train_data, bins=bins, rows_per_step=rows_per_step, total_steps=total_steps, out=out,
+        state=state, val_batches=make_packed_batches(val_data, cfg.max_tokens) if not preference else [],
+    )  # fmt: skip
+    if preference:
+        setup_preference(run, loss_fn, val_data)
+    return run
+
+
+def setup_settings(cfg: TrainConfig, world: World):
+    """(output directory, rank 0's ``say``): the seed set, the directory made, unsupported mixes refused."""
+    # same seed on every rank: the demo's weights and the LoRA init must be identical everywhere
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
@@ -364,14 +365,26 @@ def setup(cfg: TrainConfig, world: World) -> Run:
         if world.is_main:
             tqdm.write(line)
 
-    # tokenizer; the resolved template is what runs, is saved with every checkpoint and is compared on resume
-    tokenizer = setup_tokenizer(cfg)
+    return out, say
+
+
+def setup_tokenizer(cfg: TrainConfig, say):
+    """(tokenizer, cfg with its template resolved): the tokenizer ``cfg`` names (``tokenizer``, else the
+    model's), loaded without the model. The resolved template is what runs, is saved with every
+    checkpoint and is compared on resume."""
+    try:
+        _check_model_path(cfg.model)
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
+    except (ValueError, OSError) as e:  # no tokenizer files, remote code not trusted, missing path
+        raise TrainingError(f"model {cfg.model}: {' '.join(str(e).split())}") from e
     asked, cfg = cfg.template, dataclasses.replace(cfg, template=resolve_template(cfg.template, tokenizer))
     say(describe_template(asked, cfg.template))
-    # checkpoint compatibility: settings changed since the checkpoint, or an old run in the way
-    check_output_dir(cfg, out)
+    return tokenizer, cfg
 
-    # data: conversations, or chosen/rejected pairs (trainer/preference.py)
+
+def read_data(cfg: TrainConfig, tokenizer, say) -> tuple[list, list]:
+    """(training, validation) data: conversations encoded by trainer/data.py, or for a preference
+    objective the pairs' chosen and rejected conversations by trainer/preference.py."""
     preference = cfg.objective != "sft"
 
     def encode(name: str, demo: Path):
@@ -389,56 +402,66 @@ def setup(cfg: TrainConfig, world: World) -> Run:
     if len(train_data) == 0:
         what = "preference pair" if preference else "conversation"
         raise TrainingError(f"train_file {cfg.train_file}: no {what} left to train on (see above)")
-    val_data = encode(cfg.val_file, DEMO_VAL_FILE) if cfg.val_file else []
+    return train_data, encode(cfg.val_file, DEMO_VAL_FILE) if cfg.val_file else []
 
-    # model: loaded (and quantised), attention planned per layer, LoRA, the head's spec
-    model, tokenizer, softcap, host = setup_model(cfg, say=say, tokenizer=tokenizer, world=world)
-    flops = FlopCounter(model)  # the whole model, before any sharding
-    base = model.get_base_model()
+
+def setup_model(cfg: TrainConfig, say=print, tokenizer=None, world: World = ONE_PROCESS):
+    """(model, tokenizer, the head's softcap, rank 0's host copy or None): the model loaded (and
+    quantised), attention planned per layer, LoRA, the head's spec (trainer/model.py); ``tokenizer``: the
+    one the data was read with (None: loaded here). Under FSDP with several ranks the model is a
+    meta-device skeleton (trainer/sharded_load.py) that :func:`fill_shards` fills after sharding."""
+    try:
+        if cfg.parallel == "fsdp" and world.size > 1:
+            model, tokenizer, head, host = load_skeleton(cfg, world, tokenizer, say)
+            return model, tokenizer, head.softcap, host
+        model, tokenizer, head = prepare_model(cfg, log=say, tokenizer=tokenizer)
+    except (ValueError, OSError) as e:  # unsupported model or head, missing path, bad LoRA target
+        raise TrainingError(f"model {cfg.model}: {' '.join(str(e).split())}") from e
+    return model, tokenizer, head.softcap, None
+
+
+def check_labels(model, cfg: TrainConfig, train_data, val_data) -> None:
+    """The loss trusts the labels to lie in [0, V): check them once here, on the host."""
+    vocab_size = model.get_base_model().get_output_embeddings().out_features
     for name, data in ((cfg.train_file, train_data), (cfg.val_file, val_data)):
-        _check_labels(data, base.get_output_embeddings().out_features, name)
+        top = max((max(e.labels) for e in data if e.labels), default=-1)
+        if top >= vocab_size:
+            raise TrainingError(f"{name}: label {top} is outside the model's vocabulary of "
+                                f"{vocab_size} tokens")  # fmt: skip
+
+
+def setup_strategy(cfg: TrainConfig, world: World, model, softcap, host):
+    """(model as the strategy wraps it, strategy, its LiveHead, device, compute dtype): one process, data
+    parallel or FSDP (trainer/parallel.py); a skeleton's shards get storage and rank 0's weights."""
+    base = model.get_base_model()
     device = base.get_output_embeddings().weight.device if host is None else resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-
-    # strategy: one process, data parallel or FSDP
     strategy = make_strategy(cfg.parallel, world, compute_dtype=dtype, cpu_offload=cfg.fsdp_cpu_offload,
                              device=device)  # fmt: skip
     model = strategy.wrap(model)
-    if host is not None:  # the skeleton's shards get storage and rank 0's weights
+    if host is not None:
         fill_shards(model, host, world, device, offload=cfg.fsdp_cpu_offload)
     model.train()
-    head = LiveHead(base.get_output_embeddings(), softcap, strategy)
+    return model, strategy, LiveHead(base.get_output_embeddings(), softcap, strategy), device, dtype
 
-    # Every rank packs the same rows (deterministic for seed and epoch). A step takes the next
-    # rows_per_step of them and each rank trains on its share: one step covers the same rows however
-    # many ranks share it. The last step of an epoch may be short. No row is dropped.
-    # the same rows every epoch; only their order changes (a preference row holds whole pairs)
+
+def plan_rows(cfg: TrainConfig, world: World, train_data):
+    """(packed rows, rows per step, steps). Every rank packs the same rows (deterministic for seed and
+    epoch), the same every epoch in another order; a preference row holds whole pairs. A step takes the
+    next rows_per_step of them and each rank trains on its share: one step covers the same rows however
+    many ranks share it. The last step of an epoch may be short. No row is dropped."""
+    preference = cfg.objective != "sft"
     bins = pack_pairs(train_data, cfg.max_tokens) if preference else pack(train_data, cfg.max_tokens)
     rows_per_step = cfg.grad_accum * world.size
-    total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(bins) / rows_per_step)
+    return bins, rows_per_step, cfg.max_steps or cfg.epochs * math.ceil(len(bins) / rows_per_step)
 
-    # optimizer, schedule, loss
+
+def setup_optimizer(cfg: TrainConfig, model, total_steps: int):
+    """(trainable parameters, AdamW, its schedule). Fused: the update takes found_inf, so a non-finite
+    step is skipped without a host sync."""
     params = [p for p in model.parameters() if p.requires_grad]
-    # fused: the update takes found_inf, so a non-finite step is skipped without a host sync
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    state = dict(step=0, epoch=0, row=0, first_loss=None, best_val=None, evals_since_best=0, skipped=0,
-                 bad_in_row=0, world_size=world.size)  # fmt: skip
-    loss_fn = fused_loss(cfg.loss_backend)
-    accuracy = TokenAccuracy(loss_fn, device)  # counted by the loss in the same pass, when it can
-    z_loss = ZLoss(cfg.z_loss, loss_fn, device)
-    val_batches = make_packed_batches(val_data, cfg.max_tokens) if val_data and not preference else []
-    run = Run(
-        cfg=cfg, world=world, strategy=strategy, model=model, tokenizer=tokenizer, head=head,
-        loss_fn=accuracy.wrap(z_loss.wrap(loss_fn)), accuracy=accuracy, z_loss=z_loss, device=device,
-        dtype=dtype, autocast=autocast, params=params, optimizer=optimizer, scheduler=scheduler, flops=flops,
-        train_data=train_data, bins=bins, rows_per_step=rows_per_step, total_steps=total_steps, out=out,
-        state=state, val_batches=val_batches,
-    )  # fmt: skip
-    if preference:
-        setup_preference(run, loss_fn, val_data)
-    return run
+    return params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
 
 def setup_preference(run: Run, loss_fn, val_data) -> None:
