@@ -16,7 +16,7 @@ NEVER_CHANGE_THE_WEIGHTS = {"device", "attn_backend", "attn_dropout", "loss_back
                             "gradient_checkpointing", "val_file",
                             "log_every", "eval_every", "patience", "save_every", "save_merged", "output_dir",
                             "resume", "resume_override", "report_to", "max_bad_steps", "eval_generate",
-                            "eval_max_new_tokens", "metric_for_best"}  # fmt: skip
+                            "eval_max_new_tokens", "metric_for_best", "ref_logps"}  # fmt: skip
 
 
 def test_every_other_setting_is_compared():
