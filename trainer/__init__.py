@@ -13,6 +13,7 @@ config the way the command line does (the demo's settings included). Importing t
 import torch: that waits for the first call of ``train``.
 """
 
+import logging
 import warnings
 
 from trainer.config import ConfigError, TrainConfig, load_config
@@ -20,6 +21,12 @@ from trainer.config import ConfigError, TrainConfig, load_config
 # PEFT calls transformers' deprecated `is_gradient_checkpointing` whenever it wraps or loads a model;
 # the warning is about PEFT's code, not the user's, and would otherwise print on every run.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+# bitsandbytes (the qlora extra), imported by PEFT on every run, tries on a CPU with AVX512-bf16 to fetch a
+# 4-bit matmul from the Hugging Face hub through `kernels` and logs its failure; the trainer never runs that
+# kernel (trainer/quantize.py keeps the unpacked weight format), so the line would only alarm.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "gemm_4bit_forward" not in record.getMessage()
+)
 
 
 def train(cfg: TrainConfig) -> dict:
