@@ -1,6 +1,7 @@
 """`python -m trainer`: the help text, and settings errors answered before torch is imported."""
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -208,3 +209,14 @@ def test_help_gives_a_comment_above_its_field_whole():
     assert all(name in metric for name in ("val_loss", "exact_match", "similarity", "length_ratio")), metric
     template = options["template"][1]
     assert template.startswith('"auto": glm4 for a GLM-4 tokenizer') and '"chat_template"' in template
+
+
+def test_only_bitsandbytes_failed_kernel_fetch_is_silenced(caplog):
+    """Importing the trainer hides bitsandbytes' line about a hub kernel it never runs, nothing else."""
+    import trainer  # noqa: F401  (the filter is installed on import)
+
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "not trusted")
+        log.warning("a 4-bit weight could not be read")
+    assert [r.getMessage() for r in caplog.records] == ["a 4-bit weight could not be read"]
