@@ -190,7 +190,7 @@ def run_check(cfg: TrainConfig, *, num_batches: int = 2, tolerance: float | None
     if cfg.objective != "sft":
         records = demo_pairs(path) if cfg.train_file == "demo" else None
         data, summary = encode_pairs(path, tokenizer, template=cfg.template, max_length=cfg.max_length,
-                                     records=records)  # fmt: skip
+                                     overlong=cfg.overlong, records=records)  # fmt: skip
     else:
         data, summary = encode_file(
             path, tokenizer, template=cfg.template, loss_on=cfg.loss_on, max_length=cfg.max_length,

@@ -44,7 +44,7 @@ class TrainConfig:
     template: str = "auto"
     loss_on: str = "all"  # assistant turns trained on: "all" or "last" (the last one only)
     max_length: int = 2048  # longest conversation in tokens
-    overlong: str = "drop"  # what to do with a longer one: "drop" or "truncate" (cut on the right)
+    overlong: str = "drop"  # a longer one: "drop" or "truncate" (cut on the right; a pair: oldest turns out)
     max_tokens: int = 8192  # token budget of one packed row (one micro-batch)
 
     # optimisation

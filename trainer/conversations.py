@@ -276,6 +276,25 @@ def preference_records(record: dict) -> tuple[dict, dict]:
     return {**extras, "messages": quiet + chosen}, {**extras, "messages": quiet + rejected}
 
 
+def without_oldest_turns(pair: tuple[dict, dict], turns: int) -> tuple[dict, dict] | None:
+    """The pair of :func:`preference_records` with the prompt's first ``turns`` user turns dropped, each
+    with the replies and tool results that follow it; leading system (or developer) messages stay, and
+    the pair keeps one prompt. None when the prompt has no more than ``turns`` user turns to give."""
+    chosen, rejected = (conversation["messages"] for conversation in pair)
+    prompt = 0  # the unscored messages both conversations share
+    while (prompt < min(len(chosen), len(rejected)) and chosen[prompt] == rejected[prompt]
+           and isinstance(chosen[prompt], dict) and chosen[prompt].get("loss") is False):  # fmt: skip
+        prompt += 1
+    head = 0
+    while head < prompt and chosen[head].get("role") in ("system", "developer"):
+        head += 1
+    users = [i for i in range(head, prompt) if chosen[i].get("role") == "user"]
+    if turns >= len(users):
+        return None
+    start = users[turns]
+    return tuple({**c, "messages": c["messages"][:head] + c["messages"][start:]} for c in pair)
+
+
 # ---------------------------------------------------------------------------------------------
 # ShareGPT
 

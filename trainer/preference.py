@@ -41,6 +41,7 @@ from trainer.conversations import (
     load_conversations,
     parse_json_record,
     preference_records,
+    without_oldest_turns,
 )
 from trainer.data import Encoded
 from trainer.model import decoder_hidden_states
@@ -59,6 +60,7 @@ class PairSummary:
     pairs: int = 0
     kept: int = 0
     dropped_overlong: int = 0  # either answer's conversation longer than max_length
+    truncated: int = 0  # made to fit by dropping the prompt's oldest turns (overlong: truncate)
     skipped_no_label: int = 0  # an answer with no trainable token
     skipped_template: int = 0  # an answer the chat template drops or cannot render
     skip_example: str = ""
@@ -73,6 +75,9 @@ class PairSummary:
             f"  tokens {self.tokens:,} in chosen and rejected conversations, scored {self.label_tokens:,} "
             f"({100 * self.label_tokens / max(1, self.tokens):.1f}%)",
         ]
+        if self.truncated:
+            lines.append(f"  truncated {self.truncated} prompts to their latest turns to fit "
+                         f"max_length={self.max_length}")  # fmt: skip
         if self.dropped_overlong:
             lines.append(f"  dropped {self.dropped_overlong} with a conversation longer than "
                          f"max_length={self.max_length}")  # fmt: skip
@@ -99,25 +104,29 @@ def demo_pairs(path) -> list[dict]:
     return records
 
 
-def encode_pairs(path, tokenizer, *, template: str, max_length: int, records=None):
+def encode_pairs(path, tokenizer, *, template: str, max_length: int, overlong: str = "drop", records=None):
     """(sequences, summary): the kept pairs' conversations as ``Encoded``, the chosen one of pair ``p`` at
-    ``2p`` and the rejected one at ``2p + 1``. ``records``: the rows of ``path`` when already read.
+    ``2p`` and the rejected one at ``2p + 1``. A pair whose longer conversation exceeds ``max_length`` is
+    dropped, or with ``overlong="truncate"`` loses its prompt's oldest turns until both fit (dropped if
+    its last user turn alone does not). ``records``: the rows of ``path`` when already read.
     Raises ``DataError("<file>:<line>: <problem>")``."""
     start = time.perf_counter()
     rule = make_template(template, tokenizer, "all", None)
     summary = PairSummary(path=str(path), max_length=max_length)
-    prepared, lines = [], []
+    pairs, lines = [], []
     for line, item in iter_items(path, records):
         try:
-            record = parse_json_record(item) if isinstance(item, str) else item
-            prepared.extend(rule.prepare(conversation) for conversation in preference_records(record))
+            pair = preference_records(parse_json_record(item) if isinstance(item, str) else item)
+            pairs.append((pair, [rule.prepare(conversation) for conversation in pair]))
         except Problem as e:
             raise DataError(f"{path}:{line}: {e}") from None
         lines.append(line)
     if not lines:
         raise DataError(f"{path}:1: no preference pairs in the file")
     summary.pairs = len(lines)
-    encoded = rule.encode(prepared)
+    encoded = rule.encode([prepared for _, pair in pairs for prepared in pair])
+    if overlong == "truncate":
+        summary.truncated = _fit_prompts(rule, [pair for pair, _ in pairs], encoded, max_length)
     sequences = []
     for p, line in enumerate(lines):
         pair = encoded[2 * p : 2 * p + 2]
@@ -126,7 +135,7 @@ def encode_pairs(path, tokenizer, *, template: str, max_length: int, records=Non
             summary.skip_example = summary.skip_example or f"line {line}: {problem}"
         elif not all(any(mask[1:]) for _, mask in pair):
             summary.skipped_no_label += 1
-        elif max(len(ids) for ids, _ in pair) > max_length:
+        elif _longest(pair) > max_length:
             summary.dropped_overlong += 1
         else:
             for ids, mask in pair:
@@ -138,6 +147,35 @@ def encode_pairs(path, tokenizer, *, template: str, max_length: int, records=Non
             summary.kept += 1
     summary.seconds = time.perf_counter() - start
     return sequences, summary
+
+
+def _longest(pair) -> int:
+    """Tokens in the longer conversation of an encoded pair (0 for one the template cannot render)."""
+    return max((len(e[0]) for e in pair if not isinstance(e, Unexpressible)), default=0)
+
+
+def _fit_prompts(rule, pairs: list, encoded: list, max_length: int) -> int:
+    """Re-encode, in place in ``encoded``, each pair over ``max_length`` without its prompt's oldest
+    turns, one more turn each round (a batch of the pairs still over), until it fits or only its last
+    user turn is left. Returns how many pairs now fit that did not."""
+    cut = [0] * len(pairs)
+    over = [p for p in range(len(pairs)) if _longest(encoded[2 * p : 2 * p + 2]) > max_length]
+    while over:
+        shorter = []
+        for p in over:
+            cut[p] += 1
+            if (trimmed := without_oldest_turns(pairs[p], cut[p])) is not None:
+                try:
+                    shorter.append((p, [rule.prepare(conversation) for conversation in trimmed]))
+                except Problem:  # a shortened prompt the template refuses: the pair stays as it was
+                    pass
+        redone = rule.encode([prepared for _, pair in shorter for prepared in pair])
+        over = []
+        for i, (p, _) in enumerate(shorter):
+            encoded[2 * p : 2 * p + 2] = redone[2 * i : 2 * i + 2]
+            if _longest(encoded[2 * p : 2 * p + 2]) > max_length:
+                over.append(p)
+    return sum(1 for p, n in enumerate(cut) if n and _longest(encoded[2 * p : 2 * p + 2]) <= max_length)
 
 
 class _Span:

@@ -391,6 +391,7 @@ def read_data(cfg: TrainConfig, tokenizer, say) -> tuple[list, list]:
         path = demo if name == "demo" else name
         if preference:
             data, summary = encode_pairs(path, tokenizer, template=cfg.template, max_length=cfg.max_length,
+                                         overlong=cfg.overlong,
                                          records=demo_pairs(demo) if name == "demo" else None)  # fmt: skip
         else:
             data, summary = encode_file(path, tokenizer, template=cfg.template, loss_on=cfg.loss_on,

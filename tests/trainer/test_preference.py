@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.trainer.test_templates import family_tokenizer
 from trainer.check import _lora_grads, _randomize_lora_b
 from trainer.config import ConfigError, TrainConfig, load_config, validate
 from trainer.conversations import DataError
@@ -135,6 +136,59 @@ def test_a_bad_record_is_one_line_naming_file_and_line(tmp_path, record, problem
     with pytest.raises(DataError) as e:
         encode_pairs(path, load_tokenizer("demo"), template="glm4", max_length=256)
     assert str(e.value).startswith(f"{path}:2: ") and problem in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("family", ["glm4", "qwen3", "llama3.1"])
+def test_overlong_pairs_lose_their_prompts_oldest_turns_or_are_dropped(tmp_path, family):
+    tok = load_tokenizer("demo") if family == "glm4" else family_tokenizer(family)
+    template = "glm4" if family == "glm4" else "chat_template"
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    system = {"role": "system", "content": "You add numbers and answer briefly."}
+    call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "add",
+            "arguments": {"a": 2, "b": 2}}}]}  # fmt: skip
+    turns = [
+        [
+            {"role": "user", "content": "What is two plus two, and why is it so, in many words? " * 3},
+            call,
+            {"role": "tool", "content": "4"},
+            {"role": "assistant", "content": "Four, as the tool says."},
+        ],
+        [
+            {"role": "user", "content": "And three plus three, said slowly and at length? " * 3},
+            {"role": "assistant", "content": "Six."},
+        ],
+        [{"role": "user", "content": "Now five plus five?"}],
+    ]
+    answers = {"chosen": [{"role": "assistant", "content": "Ten."}],
+               "rejected": [{"role": "assistant", "content": "Eleven, I think."}]}  # fmt: skip
+
+    def pair(kept_turns):
+        return {"prompt": [system, *sum(kept_turns, [])], **answers, "tools": tools}
+
+    short = {"prompt": "hi", "chosen": "hello", "rejected": "go away"}
+
+    def encode(records, max_length, overlong):
+        path = _write(tmp_path / "pairs.jsonl", records)
+        return encode_pairs(path, tok, template=template, max_length=max_length, overlong=overlong)
+
+    # the references: the same pair written by hand with its oldest turns left out
+    whole, one_out, two_out = (encode([pair(turns[k:])], 4096, "drop")[0] for k in range(3))
+    lengths = [max(len(e.input_ids) for e in p) for p in (whole, one_out, two_out)]
+    assert lengths[0] > lengths[1] > lengths[2]
+    alone = encode([short], 4096, "drop")[0]
+
+    def counts(summary):
+        return summary.kept, summary.truncated, summary.dropped_overlong
+
+    for max_length, want in ((lengths[1], one_out), (lengths[1] - 1, two_out), (lengths[2], two_out)):
+        got, summary = encode([short, pair(turns)], max_length, "truncate")
+        assert got == alone + want and counts(summary) == (2, 1, 0)
+        assert f"truncated 1 prompts to their latest turns to fit max_length={max_length}" in summary.format()
+        got, summary = encode([short, pair(turns)], max_length, "drop")
+        assert got == alone and counts(summary) == (1, 0, 1)
+    # the last user turn alone does not fit: dropped, and counted as dropped
+    got, summary = encode([short, pair(turns)], lengths[2] - 1, "truncate")
+    assert got == alone and counts(summary) == (1, 0, 1)
 
 
 def test_sft_and_eval_generate_read_a_preference_file_as_prompt_and_chosen(tmp_path):
