@@ -282,11 +282,8 @@ def format_report(r: dict) -> str:
     summary = r["data"]
     lines = [f"template: {r['template']}", summary.format()]
     if summary.skipped_template:
-        total, what = (
-            (summary.pairs, "pairs") if r["objective"] != "sft" else (summary.conversations, "conversations")
-        )
-        lines.append(f"the template rejected {summary.skipped_template} of {total} {what}: they are neither "
-                     "trained nor checked")  # fmt: skip
+        lines.append(f"the template rejected {summary.skipped_template} of {summary.conversations} "
+                     f"{summary.unit}: they are neither trained nor checked")  # fmt: skip
     loss = (
         "loss (mean per target token)"
         if r["objective"] == "sft"

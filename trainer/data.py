@@ -4,6 +4,8 @@ Reading and validating records is ``trainer/conversations.py``; the label rules 
 chat template's) are ``trainer/templates.py``. This module encodes a whole file in parallel
 processes, applies ``max_length`` (dropping, or cutting at a turn boundary), counts what it drops in
 a ``DataSummary``, and caches the result keyed by the file's content, the tokenizer and the settings.
+Preference pairs go the same way (``pairs=True``): each record becomes its chosen and its rejected
+conversation, side by side, and ``truncate`` drops the prompt's oldest turns instead of cutting.
 
 Labels follow the Hugging Face convention: aligned with ``input_ids`` (the model shifts them), -100
 where there is no loss.
@@ -33,7 +35,10 @@ from trainer.conversations import (  # noqa: F401  (re-exported: the public name
     as_record,
     iter_items,
     load_conversations,
+    parse_json_record,
+    preference_records,
     source_digest,
+    without_oldest_turns,
 )
 from trainer.templates import Unexpressible, make_template
 
@@ -72,6 +77,7 @@ class DataSummary:
     encoder: str = ""  # the encoding path that ran
     from_cache: bool = False
     seconds: float = 0.0
+    unit: str = "conversations"  # or "preference pairs": then counts are of pairs, tokens of both sides
 
     @property
     def label_fraction(self) -> float:
@@ -79,18 +85,24 @@ class DataSummary:
 
     def format(self) -> str:
         source = "cache" if self.from_cache else "encoded"
+        pairs = self.unit != "conversations"
         lines = [
-            f"data {self.path}: {self.kept}/{self.conversations} conversations kept "
+            f"data {self.path}: {self.kept}/{self.conversations} {self.unit} kept "
             f"({source}, {self.encoder or self.template}, {self.seconds:.1f}s)",
-            f"  tokens {self.tokens:,}, with a label {self.label_tokens:,} "
-            f"({100 * self.label_fraction:.1f}%)",
+            f"  tokens {self.tokens:,}{' in chosen and rejected conversations' if pairs else ''}, with a "
+            f"label {self.label_tokens:,} ({100 * self.label_fraction:.1f}%)",
         ]
         if self.dropped_overlong:
-            lines.append(f"  dropped {self.dropped_overlong} longer than max_length={self.max_length}")
-        if self.truncated:
+            longer = "with a conversation longer" if pairs else "longer"
+            lines.append(f"  dropped {self.dropped_overlong} {longer} than max_length={self.max_length}")
+        if self.truncated and pairs:
+            lines.append(f"  truncated {self.truncated} prompts to their latest turns to fit "
+                         f"max_length={self.max_length}")  # fmt: skip
+        elif self.truncated:
             lines.append(f"  truncated {self.truncated} to max_length={self.max_length} at a turn boundary")
         if self.skipped_no_label:
-            lines.append(f"  skipped {self.skipped_no_label} with no trainable token")
+            what = "with an answer that has" if pairs else "with"
+            lines.append(f"  skipped {self.skipped_no_label} {what} no trainable token")
         if self.skipped_template:
             lines.append(
                 f"  skipped {self.skipped_template} the chat template cannot render as given, "
@@ -290,12 +302,26 @@ def _bounded(prepared, max_length: int, chars_per_token: int, overlong: str):
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer, template, loss_on, end_token, max_length, overlong, chars_per_token, pool=False):
+def _init_worker(tokenizer, template, loss_on, end_token, max_length, overlong, chars_per_token, pairs,
+                 pool=False):  # fmt: skip
     if pool:  # one thread per worker process: the processes are the parallelism
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER["template"] = make_template(template, tokenizer, loss_on, end_token)
     _WORKER["chars_per_token"] = chars_per_token
-    _WORKER["max_length"], _WORKER["overlong"] = max_length, overlong
+    _WORKER["max_length"], _WORKER["overlong"], _WORKER["pairs"] = max_length, overlong, pairs
+
+
+def _encode_task(items: list[tuple[int, str | dict]]):
+    return (_encode_pair_chunk if _WORKER["pairs"] else _encode_chunk)(items)
+
+
+def _chunk_result(ids_parts, mask_parts, counts: dict, items: int, example: str):
+    """What a worker task returns: the kept sequences as flat arrays, their lengths and the counts."""
+    lengths = [len(ids) for ids in ids_parts]
+    total = sum(lengths)
+    flat_ids = np.fromiter(itertools.chain.from_iterable(ids_parts), dtype=np.int32, count=total)
+    flat_mask = np.fromiter(itertools.chain.from_iterable(mask_parts), dtype=np.bool_, count=total)
+    return ("ok", flat_ids, flat_mask, np.asarray(lengths, dtype=np.int64), counts, items, example)
 
 
 def _encode_chunk(items: list[tuple[int, str | dict]]):
@@ -320,7 +346,7 @@ def _encode_chunk(items: list[tuple[int, str | dict]]):
         cut.append(bounded[1])
         lines.append(line)
     example = ""
-    ids_parts, mask_parts, lengths = [], [], []
+    ids_parts, mask_parts = [], []
     for line, was_cut, result in zip(lines, cut, template.encode(prepared), strict=True):
         if isinstance(result, Unexpressible):
             counts["skipped_template"] += 1
@@ -339,11 +365,72 @@ def _encode_chunk(items: list[tuple[int, str | dict]]):
         counts["truncated"] += was_cut
         ids_parts.append(ids)
         mask_parts.append(mask)
-        lengths.append(len(ids))
-    total = sum(lengths)
-    flat_ids = np.fromiter(itertools.chain.from_iterable(ids_parts), dtype=np.int32, count=total)
-    flat_mask = np.fromiter(itertools.chain.from_iterable(mask_parts), dtype=np.bool_, count=total)
-    return ("ok", flat_ids, flat_mask, np.asarray(lengths, dtype=np.int64), counts, len(items), example)
+    return _chunk_result(ids_parts, mask_parts, counts, len(items), example)
+
+
+def _encode_pair_chunk(items: list[tuple[int, str | dict]]):
+    """Worker task for preference records: each one's chosen and rejected conversation, side by side,
+    kept or skipped together; ``truncate`` drops the prompt's oldest turns until both fit."""
+    template, max_length = _WORKER["template"], _WORKER["max_length"]
+    counts = {"dropped_overlong": 0, "truncated": 0, "skipped_no_label": 0, "skipped_template": 0}
+    pairs, prepared = [], []
+    for line, item in items:
+        try:
+            pair = preference_records(parse_json_record(item) if isinstance(item, str) else item)
+            prepared.extend(template.prepare(conversation) for conversation in pair)
+        except Problem as e:
+            return ("error", line, str(e))
+        pairs.append(pair)
+    encoded = template.encode(prepared)
+    cut = _fit_prompts(template, pairs, encoded, max_length) if _WORKER["overlong"] == "truncate" else None
+    example = ""
+    ids_parts, mask_parts = [], []
+    for p, (line, _) in enumerate(items):
+        pair = encoded[2 * p : 2 * p + 2]
+        if problem := next((e for e in pair if isinstance(e, Unexpressible)), None):
+            counts["skipped_template"] += 1
+            example = example or f"line {line}: {problem}"
+        elif not all(any(mask) for _, mask in pair):
+            counts["skipped_no_label"] += 1
+        elif _longest(pair) > max_length:
+            counts["dropped_overlong"] += 1
+        else:
+            counts["truncated"] += bool(cut and cut[p])
+            ids_parts.extend(ids for ids, _ in pair)
+            mask_parts.extend(mask for _, mask in pair)
+    return _chunk_result(ids_parts, mask_parts, counts, len(items), example)
+
+
+def _longest(pair) -> int:
+    """Tokens in the longer conversation of an encoded pair (0 for one the template cannot render)."""
+    return max((len(e[0]) for e in pair if not isinstance(e, Unexpressible)), default=0)
+
+
+def _fit_prompts(template, pairs: list, encoded: list, max_length: int) -> list[int]:
+    """Re-encode, in place in ``encoded``, each pair over ``max_length`` without its prompt's oldest
+    turns, one more turn a round (a batch of the pairs still over), until it fits or only its last user
+    turn is left. Returns how many turns each pair lost."""
+    cut = [0] * len(pairs)
+    over = [p for p in range(len(pairs)) if _longest(encoded[2 * p : 2 * p + 2]) > max_length]
+    while over:
+        shorter = []
+        for p in over:
+            if (trimmed := without_oldest_turns(pairs[p], cut[p] + 1)) is None:
+                continue  # only the last user turn is left: the pair stays over, and is dropped
+            try:
+                shorter.append((p, [template.prepare(conversation) for conversation in trimmed]))
+            except Problem:  # a shortened prompt the template refuses: the pair stays as it was
+                continue
+            cut[p] += 1
+        if not shorter:
+            break
+        redone = template.encode([prepared for _, pair in shorter for prepared in pair])
+        over = []
+        for i, (p, _) in enumerate(shorter):
+            encoded[2 * p : 2 * p + 2] = redone[2 * i : 2 * i + 2]
+            if _longest(encoded[2 * p : 2 * p + 2]) > max_length:
+                over.append(p)
+    return cut
 
 
 def _default_cache_dir() -> Path:
@@ -393,6 +480,8 @@ def encode_file(
     num_workers=None,
     cache_dir=None,
     progress=True,
+    pairs=False,
+    records=None,
 ) -> tuple[EncodedDataset, DataSummary]:
     """Validate and encode every conversation of a file; returns (encoded, summary).
 
@@ -404,7 +493,10 @@ def encode_file(
     ``datasets`` directory or dataset id. ``num_workers``: processes
     (None: one per CPU, at most 8). ``cache_dir``: where results are cached, keyed by the file's
     content, the tokenizer and these settings (None: ``$TRITRAIN_CACHE`` or ``~/.cache/tritrain``;
-    False: no cache). Raises ``DataError("<file>:<line>: <problem>")`` on bad input.
+    False: no cache). ``pairs``: the file holds preference records; the result holds the chosen
+    conversation of pair ``p`` at ``2p`` and the rejected one at ``2p + 1``, the summary counts pairs
+    (see ``trainer/preference.py``). ``records``: the file's rows when already read (the demo's pairs).
+    Raises ``DataError("<file>:<line>: <problem>")`` on bad input.
     """
     t0 = time.perf_counter()
     if overlong not in OVERLONG:
@@ -412,11 +504,15 @@ def encode_file(
     if not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
     tmpl = _template_for(tokenizer, template, loss_on, end_token)  # validates the settings
-    digest, loaded = source_digest(path)
+    if records is None:
+        digest, loaded = source_digest(path)
+    else:
+        digest, loaded = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest(), records
+    unit = "preference pairs" if pairs else "conversations"
 
     entry = None
     if cache_dir is not False:
-        settings = [_CACHE_FORMAT, template, loss_on, tmpl.end_id, max_length, overlong]
+        settings = [_CACHE_FORMAT, template, loss_on, tmpl.end_id, max_length, overlong] + ["pairs"] * pairs
         key = hashlib.sha256(json.dumps([digest, _tokenizer_fingerprint(tokenizer), settings]).encode())
         entry = Path(cache_dir or _default_cache_dir()) / key.hexdigest()[:32]
         cached = _load_cached(entry)
@@ -430,18 +526,20 @@ def encode_file(
     items = iter_items(path, loaded)
     del loaded
     if not items:
-        raise DataError(f"{path}:1: no conversations in the file")
+        raise DataError(f"{path}:1: no {unit} in the file")
     chunks = [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
     if num_workers is None:
         num_workers = min(os.cpu_count() or 1, 8)
     num_workers = max(1, min(num_workers, len(chunks)))
-    init_args = (tokenizer, template, loss_on, end_token, max_length, overlong, _max_token_chars(tokenizer))
+    chars_per_token = _max_token_chars(tokenizer)
+    init_args = (tokenizer, template, loss_on, end_token, max_length, overlong, chars_per_token, pairs)
 
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(items), desc=f"encoding {Path(path).name}", unit="conv", leave=False)
+        bar = tqdm(total=len(items), desc=f"encoding {Path(path).name}", unit="pair" if pairs else "conv",
+                   leave=False)  # fmt: skip
     results = []
 
     def collect(result):
@@ -456,20 +554,19 @@ def encode_file(
         if num_workers == 1:
             _init_worker(*init_args)
             for chunk in chunks:
-                collect(_encode_chunk(chunk))
+                collect(_encode_task(chunk))
         else:
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             with mp.get_context(method).Pool(num_workers, _init_worker, (*init_args, True)) as pool:
-                for result in pool.imap(_encode_chunk, chunks):
+                for result in pool.imap(_encode_task, chunks):
                     collect(result)
     finally:
         _WORKER.clear()
         if bar is not None:
             bar.close()
 
-    summary = DataSummary(
-        path=str(path), conversations=len(items), max_length=max_length, overlong=overlong, template=template
-    )
+    summary = DataSummary(path=str(path), conversations=len(items), max_length=max_length, overlong=overlong,
+                          template=template, unit=unit)  # fmt: skip
     summary.encoder = tmpl.path
     for r in results:
         for k, v in r[4].items():
@@ -481,7 +578,8 @@ def encode_file(
     lengths = np.concatenate([r[3] for r in results]) if results else np.zeros(0, np.int64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    summary.kept, summary.tokens, summary.label_tokens = len(lengths), len(ids), int(mask.sum())
+    summary.kept = len(lengths) // 2 if pairs else len(lengths)
+    summary.tokens, summary.label_tokens = len(ids), int(mask.sum())
     ds = EncodedDataset(ids, mask, offsets)
     if entry is not None:
         _store_cached(entry, ds, summary)

@@ -1,8 +1,9 @@
 """Preference fine-tuning on packed chosen/rejected pairs: DPO, SimPO and ORPO.
 
 A preference record (``trainer/conversations.py``: ``preference_pair``) becomes two conversations, the
-prompt followed by the chosen answer and by the rejected one, encoded with the SFT label rule: only the
-answer's assistant tokens and their end-of-turn marker carry labels. Both sequences of a pair go into
+prompt followed by the chosen answer and by the rejected one, encoded with the SFT label rule (by
+``trainer/data.py``, in parallel and cached as SFT data is): only the answer's assistant tokens and their
+end-of-turn marker carry labels. Both sequences of a pair go into
 the same packed row, back to back (varlen attention keeps them apart), so a row holds whole pairs and
 no padding. The loss reads labelled rows only: the answer tokens' hidden states are compacted, the
 fused masked cross-entropy gives each one's log-probability, and ``index_add`` sums them per sequence;
@@ -25,7 +26,6 @@ and its gradients do not depend on ``grad_accum``, on packing or on the number o
 
 from __future__ import annotations
 
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
@@ -33,60 +33,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from trainer.conversations import (
-    DataError,
-    Problem,
-    as_record,
-    iter_items,
-    load_conversations,
-    parse_json_record,
-    preference_records,
-    without_oldest_turns,
-)
-from trainer.data import Encoded
+from trainer.conversations import as_record, load_conversations
+from trainer.data import encode_file
 from trainer.model import decoder_hidden_states
 from trainer.packing import IGNORE_INDEX, PackedBatch, collate_packed, pack
-from trainer.templates import Unexpressible, make_template
 
 OBJECTIVES = ("dpo", "simpo", "orpo")
 STATS = ("reward_chosen", "reward_rejected", "correct", "pairs", "nll", "nll_tokens")
 
 # ------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class PairSummary:
-    path: str = ""
-    pairs: int = 0
-    kept: int = 0
-    dropped_overlong: int = 0  # either answer's conversation longer than max_length
-    truncated: int = 0  # made to fit by dropping the prompt's oldest turns (overlong: truncate)
-    skipped_no_label: int = 0  # an answer with no trainable token
-    skipped_template: int = 0  # an answer the chat template drops or cannot render
-    skip_example: str = ""
-    tokens: int = 0  # of the kept pairs, both conversations
-    label_tokens: int = 0
-    max_length: int = 0
-    seconds: float = 0.0
-
-    def format(self) -> str:
-        lines = [
-            f"data {self.path}: {self.kept}/{self.pairs} preference pairs kept ({self.seconds:.1f}s)",
-            f"  tokens {self.tokens:,} in chosen and rejected conversations, scored {self.label_tokens:,} "
-            f"({100 * self.label_tokens / max(1, self.tokens):.1f}%)",
-        ]
-        if self.truncated:
-            lines.append(f"  truncated {self.truncated} prompts to their latest turns to fit "
-                         f"max_length={self.max_length}")  # fmt: skip
-        if self.dropped_overlong:
-            lines.append(f"  dropped {self.dropped_overlong} with a conversation longer than "
-                         f"max_length={self.max_length}")  # fmt: skip
-        if self.skipped_no_label:
-            lines.append(f"  skipped {self.skipped_no_label} with an answer that has no trainable token")
-        if self.skipped_template:
-            lines.append(f"  skipped {self.skipped_template} the chat template cannot render as given, "
-                         f"e.g. {self.skip_example}")  # fmt: skip
-        return "\n".join(lines)
 
 
 def demo_pairs(path) -> list[dict]:
@@ -104,78 +59,16 @@ def demo_pairs(path) -> list[dict]:
     return records
 
 
-def encode_pairs(path, tokenizer, *, template: str, max_length: int, overlong: str = "drop", records=None):
-    """(sequences, summary): the kept pairs' conversations as ``Encoded``, the chosen one of pair ``p`` at
-    ``2p`` and the rejected one at ``2p + 1``. A pair whose longer conversation exceeds ``max_length`` is
+def encode_pairs(path, tokenizer, *, template: str, max_length: int, overlong: str = "drop", records=None,
+                 cache_dir=None, progress: bool = True):  # fmt: skip
+    """(sequences, summary): the kept pairs' conversations (an ``EncodedDataset``), the chosen one of pair
+    ``p`` at ``2p`` and the rejected one at ``2p + 1``, encoded in parallel and cached as SFT data is
+    (:func:`trainer.data.encode_file`). A pair whose longer conversation exceeds ``max_length`` is
     dropped, or with ``overlong="truncate"`` loses its prompt's oldest turns until both fit (dropped if
     its last user turn alone does not). ``records``: the rows of ``path`` when already read.
     Raises ``DataError("<file>:<line>: <problem>")``."""
-    start = time.perf_counter()
-    rule = make_template(template, tokenizer, "all", None)
-    summary = PairSummary(path=str(path), max_length=max_length)
-    pairs, lines = [], []
-    for line, item in iter_items(path, records):
-        try:
-            pair = preference_records(parse_json_record(item) if isinstance(item, str) else item)
-            pairs.append((pair, [rule.prepare(conversation) for conversation in pair]))
-        except Problem as e:
-            raise DataError(f"{path}:{line}: {e}") from None
-        lines.append(line)
-    if not lines:
-        raise DataError(f"{path}:1: no preference pairs in the file")
-    summary.pairs = len(lines)
-    encoded = rule.encode([prepared for _, pair in pairs for prepared in pair])
-    if overlong == "truncate":
-        summary.truncated = _fit_prompts(rule, [pair for pair, _ in pairs], encoded, max_length)
-    sequences = []
-    for p, line in enumerate(lines):
-        pair = encoded[2 * p : 2 * p + 2]
-        if problem := next((e for e in pair if isinstance(e, Unexpressible)), None):
-            summary.skipped_template += 1
-            summary.skip_example = summary.skip_example or f"line {line}: {problem}"
-        elif not all(any(mask[1:]) for _, mask in pair):
-            summary.skipped_no_label += 1
-        elif _longest(pair) > max_length:
-            summary.dropped_overlong += 1
-        else:
-            for ids, mask in pair:
-                sequences.append(
-                    Encoded(list(ids), [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)])
-                )
-                summary.tokens += len(ids)
-                summary.label_tokens += sum(mask[1:])
-            summary.kept += 1
-    summary.seconds = time.perf_counter() - start
-    return sequences, summary
-
-
-def _longest(pair) -> int:
-    """Tokens in the longer conversation of an encoded pair (0 for one the template cannot render)."""
-    return max((len(e[0]) for e in pair if not isinstance(e, Unexpressible)), default=0)
-
-
-def _fit_prompts(rule, pairs: list, encoded: list, max_length: int) -> int:
-    """Re-encode, in place in ``encoded``, each pair over ``max_length`` without its prompt's oldest
-    turns, one more turn each round (a batch of the pairs still over), until it fits or only its last
-    user turn is left. Returns how many pairs now fit that did not."""
-    cut = [0] * len(pairs)
-    over = [p for p in range(len(pairs)) if _longest(encoded[2 * p : 2 * p + 2]) > max_length]
-    while over:
-        shorter = []
-        for p in over:
-            cut[p] += 1
-            if (trimmed := without_oldest_turns(pairs[p], cut[p])) is not None:
-                try:
-                    shorter.append((p, [rule.prepare(conversation) for conversation in trimmed]))
-                except Problem:  # a shortened prompt the template refuses: the pair stays as it was
-                    pass
-        redone = rule.encode([prepared for _, pair in shorter for prepared in pair])
-        over = []
-        for i, (p, _) in enumerate(shorter):
-            encoded[2 * p : 2 * p + 2] = redone[2 * i : 2 * i + 2]
-            if _longest(encoded[2 * p : 2 * p + 2]) > max_length:
-                over.append(p)
-    return sum(1 for p, n in enumerate(cut) if n and _longest(encoded[2 * p : 2 * p + 2]) <= max_length)
+    return encode_file(path, tokenizer, template=template, max_length=max_length, overlong=overlong,
+                       cache_dir=cache_dir, progress=progress, pairs=True, records=records)  # fmt: skip
 
 
 class _Span:
@@ -187,9 +80,11 @@ class _Span:
 
 def pack_pairs(sequences, max_tokens: int) -> list[list[int]]:
     """Rows of pair indices, best-fit-decreasing on the pairs' lengths: a pair is never split."""
-    spans = [_Span(len(sequences[2 * p].input_ids) + len(sequences[2 * p + 1].input_ids))
-             for p in range(len(sequences) // 2)]  # fmt: skip
-    return pack(spans, max_tokens)
+    lengths = getattr(sequences, "lengths", None)  # an EncodedDataset's, without building its items
+    if lengths is None:
+        lengths = [len(e.input_ids) for e in sequences]
+    return pack([_Span(int(lengths[2 * p] + lengths[2 * p + 1])) for p in range(len(sequences) // 2)],
+                max_tokens)  # fmt: skip
 
 
 def pair_lengths(sequences, row: list[int]) -> list[int]:

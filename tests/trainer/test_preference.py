@@ -86,6 +86,12 @@ def _write(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def _encode(path, tok, **settings):
+    """``encode_pairs`` without the disk cache, its sequences as a list."""
+    sequences, summary = encode_pairs(path, tok, cache_dir=False, progress=False, **settings)
+    return list(sequences), summary
+
+
 def test_the_forms_users_bring_encode_alike(tmp_path):
     tok = load_tokenizer("demo")
     tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
@@ -97,7 +103,7 @@ def test_the_forms_users_bring_encode_alike(tmp_path):
         {"chosen": [question, right], "rejected": [question, wrong]},  # TRL's implicit prompt
         {"prompt": [question], "chosen": right, "rejected": wrong},  # one message object
     ]
-    encoded = [encode_pairs(_write(tmp_path / f"{i}.jsonl", [f]), tok, template="glm4", max_length=256)[0]
+    encoded = [_encode(_write(tmp_path / f"{i}.jsonl", [f]), tok, template="glm4", max_length=256)[0]
                for i, f in enumerate(forms)]  # fmt: skip
     assert all(e == encoded[0] for e in encoded) and len(encoded[0]) == 2
     chosen, rejected = encoded[0]
@@ -113,7 +119,7 @@ def test_the_forms_users_bring_encode_alike(tmp_path):
     assert chosen.input_ids[first:] != rejected.input_ids[first:]
     # tools, also as TRL datasets keep them (JSON text), reach the template
     with_tools = [{**forms[0], "tools": tools}, {**forms[0], "tools": json.dumps(tools)}]
-    a, b = (encode_pairs(_write(tmp_path / f"t{i}.jsonl", [r]), tok, template="glm4", max_length=256)[0]
+    a, b = (_encode(_write(tmp_path / f"t{i}.jsonl", [r]), tok, template="glm4", max_length=256)[0]
             for i, r in enumerate(with_tools))  # fmt: skip
     assert a == b and len(a[0].input_ids) > len(chosen.input_ids)
 
@@ -169,7 +175,7 @@ def test_overlong_pairs_lose_their_prompts_oldest_turns_or_are_dropped(tmp_path,
 
     def encode(records, max_length, overlong):
         path = _write(tmp_path / "pairs.jsonl", records)
-        return encode_pairs(path, tok, template=template, max_length=max_length, overlong=overlong)
+        return _encode(path, tok, template=template, max_length=max_length, overlong=overlong)
 
     # the references: the same pair written by hand with its oldest turns left out
     whole, one_out, two_out = (encode([pair(turns[k:])], 4096, "drop")[0] for k in range(3))
@@ -189,6 +195,24 @@ def test_overlong_pairs_lose_their_prompts_oldest_turns_or_are_dropped(tmp_path,
     # the last user turn alone does not fit: dropped, and counted as dropped
     got, summary = encode([short, pair(turns)], lengths[2] - 1, "truncate")
     assert got == alone and counts(summary) == (1, 0, 1)
+
+
+def test_pairs_encode_in_parallel_and_come_back_from_the_cache(tmp_path):
+    tok = load_tokenizer("demo")
+    path = _write(tmp_path / "pairs.jsonl", demo_pairs(DEMO_TRAIN_FILE)[:300])  # two worker tasks
+    common = dict(template="glm4", max_length=256, overlong="truncate", pairs=True, progress=False)
+    one, s1 = encode_file(path, tok, num_workers=1, cache_dir=False, **common)
+    two, s2 = encode_file(path, tok, num_workers=2, cache_dir=tmp_path / "cache", **common)
+    again, s3 = encode_file(path, tok, cache_dir=tmp_path / "cache", **common)
+    assert list(one) == list(two) == list(again) and len(one) == 2 * s1.kept
+    assert not s2.from_cache and s3.from_cache and s1.dropped_overlong > 0 and s1.truncated > 0
+    counts = ("conversations", "kept", "dropped_overlong", "truncated", "tokens", "label_tokens", "unit")
+    assert all([getattr(s, k) for k in counts] == [getattr(s1, k) for k in counts] for s in (s2, s3))
+    assert s3.format().startswith(f"data {path}: {s1.kept}/300 preference pairs kept (cache")
+    # the same file read as SFT data is another cache entry: the prompt and the chosen answer
+    _, s4 = encode_file(path, tok, template="glm4", max_length=256, cache_dir=tmp_path / "cache",
+                        progress=False)  # fmt: skip
+    assert not s4.from_cache and s4.unit == "conversations" and s4.conversations == 300
 
 
 def test_sft_and_eval_generate_read_a_preference_file_as_prompt_and_chosen(tmp_path):
